@@ -1,0 +1,338 @@
+"""The pipeline's configuration: one documented dataclass per section, loaded from YAML and validated.
+
+Every key not given in a config file takes the default written here. Validation rejects unknown keys,
+wrong types and impossible values with a message naming the key, the value and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from pipeline.errors import ConfigError
+
+DEFAULT_CONFIG = Path("configs/multisnacks.yaml")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the labelled images come from.
+
+    path: a folder (train/val[/test] splits, or one folder per class) or a .zip/.tar.gz archive of one;
+        empty means: download the snacks dataset into the Keras cache.
+    """
+
+    path: str | None = None
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """How ingest checks and splits the images.
+
+    val_ratio, test_ratio: fractions of each class put in val / test when ingest makes the splits itself.
+    seed: mixed into the content hash that assigns each image to a split.
+    on_bad_image: `skip` lists an unreadable image and goes on; `fail` stops at the first one.
+    max_image_pixels: larger images are rejected as absurd (decompression bombs, scans).
+    max_file_mb: larger files are rejected without being decoded.
+    imbalance_ratio: a class with fewer than this fraction of the largest class's images gets a warning.
+    """
+
+    val_ratio: float = 0.15
+    test_ratio: float = 0.15
+    seed: int = 0
+    on_bad_image: typing.Literal["skip", "fail"] = "skip"
+    max_image_pixels: int = 50_000_000
+    max_file_mb: float = 50.0
+    imbalance_ratio: float = 0.5
+
+    def validate(self):
+        _check("ingest.val_ratio", self.val_ratio, 0 < self.val_ratio < 1, "a number in (0, 1)")
+        _check("ingest.test_ratio", self.test_ratio, 0 < self.test_ratio < 1, "a number in (0, 1)")
+        _check("ingest.test_ratio", self.test_ratio, self.val_ratio + self.test_ratio < 0.9,
+               "val_ratio + test_ratio below 0.9, so training keeps images")
+        _check("ingest.max_image_pixels", self.max_image_pixels, self.max_image_pixels > 0, "a positive integer")
+        _check("ingest.max_file_mb", self.max_file_mb, self.max_file_mb > 0, "a positive number")
+        _check("ingest.imbalance_ratio", self.imbalance_ratio, 0 <= self.imbalance_ratio <= 1, "a number in [0, 1]")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Keras ImageDataGenerator settings for the training images (the book's values by default).
+
+    preview_images: how many augmented samples the preview grid shows.
+    """
+
+    rotation_range: float = 40
+    width_shift_range: float = 0.2
+    height_shift_range: float = 0.2
+    shear_range: float = 0.2
+    zoom_range: float = 0.2
+    channel_shift_range: float = 0.2
+    horizontal_flip: bool = True
+    fill_mode: typing.Literal["nearest", "constant", "reflect", "wrap"] = "nearest"
+    preview_images: int = 16
+
+    def validate(self):
+        for name in ("rotation_range", "width_shift_range", "height_shift_range", "shear_range",
+                     "zoom_range", "channel_shift_range"):
+            value = getattr(self, name)
+            _check(f"augment.{name}", value, value >= 0, "a number >= 0")
+        _check("augment.rotation_range", self.rotation_range, self.rotation_range <= 180, "degrees in [0, 180]")
+        _check("augment.zoom_range", self.zoom_range, self.zoom_range < 1, "a number in [0, 1)")
+        _check("augment.preview_images", self.preview_images, 1 <= self.preview_images <= 64,
+               "an integer in [1, 64]")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network: a frozen ImageNet backbone under GlobalAveragePooling -> Dropout -> Dense(L2) -> softmax.
+
+    backbone: a name from pipeline.backbones.BACKBONES.
+    alpha: the MobileNet width multiplier (0.25, 0.5, 0.75 or 1.0).
+    image_size: the square input size in pixels, also the exported models' input size.
+    weights: `imagenet`, or null for random initialisation (tests only).
+    dropout, l2: the head's dropout rate and the Dense layer's L2 factor.
+    """
+
+    backbone: str = "mobilenet"
+    alpha: float = 0.75
+    image_size: int = 224
+    weights: typing.Literal["imagenet"] | None = "imagenet"
+    dropout: float = 0.5
+    l2: float = 0.001
+
+    def validate(self):
+        from pipeline.backbones import BACKBONES
+
+        _check("model.backbone", self.backbone, self.backbone in BACKBONES, f"one of {sorted(BACKBONES)}")
+        spec = BACKBONES[self.backbone]
+        _check("model.alpha", self.alpha, self.alpha in spec.alphas, f"one of {list(spec.alphas)}")
+        _check("model.image_size", self.image_size, 32 <= self.image_size <= 1024, "an integer in [32, 1024]")
+        _check("model.dropout", self.dropout, 0 <= self.dropout < 1, "a number in [0, 1)")
+        _check("model.l2", self.l2, self.l2 >= 0, "a number >= 0")
+
+
+@dataclass(frozen=True)
+class TrainHeadConfig:
+    """Training the new head on the frozen backbone (the book: Adam 1e-3, batch 64, up to 10 epochs).
+
+    features: `live` augments every epoch through the whole network (the book); `cached` computes the
+        frozen backbone's features once for the original images, optionally their mirror images, and
+        `augmented_views` augmented copies of each, and trains the head on those (same model, much faster).
+    patience: EarlyStopping patience on validation accuracy (the best epoch is restored).
+    max_minutes: stop training after this many minutes (the best epoch so far is kept); null = no limit.
+    """
+
+    epochs: int = 10
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    patience: int = 3
+    features: typing.Literal["live", "cached"] = "live"
+    flip_view: bool = True
+    augmented_views: int = 0
+    max_minutes: float | None = None
+    seed: int = 0
+
+    def validate(self):
+        _validate_training("train_head", self)
+        _check("train_head.augmented_views", self.augmented_views, 0 <= self.augmented_views <= 50,
+               "an integer in [0, 50]")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Fine-tuning the whole network, or its top blocks, at a lower learning rate.
+
+    epochs: 0 skips fine-tuning (the head model is passed on unchanged).
+    unfreeze_from: 0 unfreezes the whole backbone; N unfreezes MobileNet block N (1-13) and everything above.
+    freeze_batchnorm: keep BatchNormalization layers frozen (inference mode) while fine-tuning.
+    lr_factor, lr_patience, min_lr: ReduceLROnPlateau on validation loss.
+    patience: EarlyStopping patience on validation accuracy (the best epoch is restored).
+    max_minutes: stop training after this many minutes (the best epoch so far is kept); null = no limit.
+    """
+
+    epochs: int = 20
+    batch_size: int = 64
+    learning_rate: float = 1e-4
+    unfreeze_from: int = 0
+    freeze_batchnorm: bool = False
+    lr_factor: float = 1 / 3
+    lr_patience: int = 2
+    min_lr: float = 1e-7
+    patience: int = 5
+    max_minutes: float | None = None
+    seed: int = 0
+
+    def validate(self):
+        _validate_training("finetune", self, allow_zero_epochs=True)
+        _check("finetune.unfreeze_from", self.unfreeze_from, 0 <= self.unfreeze_from <= 13, "an integer in [0, 13]")
+        _check("finetune.lr_factor", self.lr_factor, 0 < self.lr_factor < 1, "a number in (0, 1)")
+        _check("finetune.lr_patience", self.lr_patience, self.lr_patience >= 0, "an integer >= 0")
+        _check("finetune.min_lr", self.min_lr, self.min_lr >= 0, "a number >= 0")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Evaluation on the test split.
+
+    tta_flip: also report accuracy with the prediction averaged over the image and its mirror image.
+    worst_count: how many confidently wrong predictions to list and show.
+    """
+
+    tta_flip: bool = True
+    worst_count: int = 16
+    batch_size: int = 64
+
+    def validate(self):
+        _check("evaluate.worst_count", self.worst_count, 0 <= self.worst_count <= 100, "an integer in [0, 100]")
+        _check("evaluate.batch_size", self.batch_size, self.batch_size >= 1, "a positive integer")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """The exported models and what they say about themselves.
+
+    formats: any of the names in pipeline.exporters.FORMATS.
+    check_images: how many test images each export is checked on against Keras; null = all.
+    max_probability_difference: the largest class-probability difference from Keras an export may show.
+    min_top1_agreement: the smallest fraction of checked images whose top-1 class must equal Keras's.
+    """
+
+    name: str = "MultiSnacks"
+    formats: list[str] = field(default_factory=lambda: ["coreml", "onnx", "tflite"])
+    author: str = "MultiSnacks"
+    license: str = "Model: MIT. Training images: CC BY 2.0 (see the dataset's credits)."
+    description: str = "Classifies a photo of a snack into one of the dataset's classes."
+    version: str = "1.0"
+    check_images: int | None = None
+    max_probability_difference: float = 1e-4
+    min_top1_agreement: float = 1.0
+
+    def validate(self):
+        from pipeline.exporters import FORMATS
+
+        _check("export.name", self.name, bool(self.name) and self.name.replace("_", "").replace("-", "").isalnum(),
+               "letters, digits, '-' and '_'")
+        for fmt in self.formats:
+            _check("export.formats", fmt, fmt in FORMATS, f"a list drawn from {sorted(FORMATS)}")
+        _check("export.check_images", self.check_images, self.check_images is None or self.check_images >= 1,
+               "a positive integer or null")
+        _check("export.max_probability_difference", self.max_probability_difference,
+               0 < self.max_probability_difference <= 1, "a number in (0, 1]")
+        _check("export.min_top1_agreement", self.min_top1_agreement, 0 <= self.min_top1_agreement <= 1,
+               "a number in [0, 1]")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration, one attribute per section."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train_head: TrainHeadConfig = field(default_factory=TrainHeadConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def section(self, name):
+        """The dict of one section's resolved values."""
+        return dataclasses.asdict(getattr(self, name))
+
+
+def _check(key, value, ok, allowed):
+    if not ok:
+        raise ConfigError(f"config key '{key}' has value {value!r}; allowed: {allowed}")
+
+
+def _validate_training(section, cfg, allow_zero_epochs=False):
+    low = 0 if allow_zero_epochs else 1
+    _check(f"{section}.epochs", cfg.epochs, low <= cfg.epochs <= 1000, f"an integer in [{low}, 1000]")
+    _check(f"{section}.batch_size", cfg.batch_size, 1 <= cfg.batch_size <= 4096, "an integer in [1, 4096]")
+    _check(f"{section}.learning_rate", cfg.learning_rate, 0 < cfg.learning_rate <= 1, "a number in (0, 1]")
+    _check(f"{section}.patience", cfg.patience, cfg.patience >= 0, "an integer >= 0")
+    _check(f"{section}.max_minutes", cfg.max_minutes, cfg.max_minutes is None or cfg.max_minutes > 0,
+           "a positive number or null")
+
+
+def _type_ok(value, hint):
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _describe(hint):
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return " or ".join(_describe(h) for h in typing.get_args(hint))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(hint)[0])}"
+    return {type(None): "null", float: "a number", int: "an integer", bool: "true/false", str: "a string"}.get(
+        hint, getattr(hint, "__name__", str(hint)))
+
+
+def _build_section(name, cls, values):
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section '{name}' must be a mapping of keys to values, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"config key '{name}.{key}' is unknown; allowed keys in '{name}': {sorted(known)}")
+        if not _type_ok(value, hints[key]):
+            raise ConfigError(f"config key '{name}.{key}' has value {value!r}; allowed: {_describe(hints[key])}")
+    section = cls(**values)
+    if hasattr(section, "validate"):
+        section.validate()
+    return section
+
+
+def from_dict(raw):
+    """Build and validate a Config from a dict of sections (missing keys take their defaults)."""
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(raw).__name__}")
+    sections = {f.name: f.type for f in dataclasses.fields(Config)}
+    hints = typing.get_type_hints(Config)
+    for name in raw:
+        if name not in sections:
+            raise ConfigError(f"config section '{name}' is unknown; allowed sections: {sorted(sections)}")
+    return Config(**{name: _build_section(name, hints[name], raw.get(name)) for name in sections})
+
+
+def load(path=DEFAULT_CONFIG, data=None):
+    """Load a YAML config file, apply a `--data` override, and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist; pass --config PATH to an existing YAML file")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from exc
+    try:
+        cfg = from_dict(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    if data is not None:
+        cfg = dataclasses.replace(cfg, data=DataConfig(path=str(data)))
+    return cfg

@@ -1,0 +1,21 @@
+"""The pipeline's exceptions: one base class, small subclasses whose messages name the file and the fix."""
+
+
+class PipelineError(Exception):
+    """Any error the pipeline reports to the user as a message rather than a traceback."""
+
+
+class ConfigError(PipelineError):
+    """A config file or option is invalid: the message names the key, the value and what is allowed."""
+
+
+class DataError(PipelineError):
+    """The dataset cannot be used: the message names the folder or file and the accepted layouts."""
+
+
+class WeightsError(PipelineError):
+    """Pretrained weights are missing: the message names the file wanted and where to put it."""
+
+
+class ExportError(PipelineError):
+    """An export failed or its exported file disagrees with the Keras model."""

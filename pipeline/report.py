@@ -1,0 +1,69 @@
+"""Plots and the Markdown report: training curves, confusion matrix, image grids."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from pipeline import fileio
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path):
+    with fileio.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    _pyplot().close(fig)
+
+
+def plot_curves(rows, path):
+    """Loss and accuracy per epoch, training and validation, side by side."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    epochs = [r["epoch"] for r in rows]
+    for ax, metric in zip(axes, ("loss", "accuracy")):
+        for prefix, style in (("", "-o"), ("val_", "-s")):
+            key = prefix + metric
+            if rows and key in rows[0]:
+                ax.plot(epochs, [r[key] for r in rows], style, label=key)
+        ax.set_xlabel("epoch")
+        ax.set_title(metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    _save(fig, path)
+
+
+def plot_confusion(matrix, classes, path):
+    """A seaborn heatmap of the confusion matrix, class names on both axes."""
+    import seaborn as sns
+
+    plt = _pyplot()
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(max(6, 0.55 * n + 2), max(5, 0.5 * n + 1.5)))
+    sns.heatmap(matrix, annot=True, fmt="d", cmap="Blues", cbar=False, xticklabels=classes,
+                yticklabels=classes, ax=ax, annot_kws={"size": 8})
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("Confusion matrix (test split)")
+    plt.setp(ax.get_xticklabels(), rotation=45, ha="right")
+    _save(fig, path)
+
+
+def plot_grid(images, titles, path, columns=4):
+    """A grid of uint8 images with a title under each (augment previews, worst predictions)."""
+    plt = _pyplot()
+    rows = max(1, math.ceil(len(images) / columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.2 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, title in zip(axes.flat, images, titles):
+        ax.imshow(np.clip(image, 0, 255).astype(np.uint8))
+        ax.set_title(title, fontsize=9)
+    _save(fig, path)

@@ -1,0 +1,192 @@
+"""Runs stages: freshness from manifests, atomic stage folders, timing, logging and the summary line."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+
+from pipeline import fileio
+from pipeline.catalog import MANIFEST, Catalog
+from pipeline.stages import BY_NAME, STAGES, upstream_closure
+
+log = logging.getLogger("pipeline")
+
+
+@dataclass
+class StageContext:
+    """What a stage function gets: the config, its upstream stages' files, and its own output files."""
+
+    cfg: object
+    inputs: dict
+    out: object
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class Freshness:
+    """Whether a stage's cached outputs can be reused, and why not."""
+
+    state: str  # fresh | stale | never run
+    reasons: list
+    key: dict
+    manifest: dict | None
+
+
+def _module_source_hash(modules):
+    # find_spec locates a module's source without importing it (and TensorFlow with it).
+    return fileio.sha256_json({name: fileio.sha256_file(importlib.util.find_spec(name).origin) for name in modules})
+
+
+class Runner:
+    """Plans and runs stages against one config and one artifacts folder."""
+
+    def __init__(self, cfg, artifacts="artifacts", options=None):
+        self.cfg = cfg
+        self.catalog = Catalog(artifacts)
+        self.options = {"sources_dir": self.catalog.sources, **(options or {})}
+
+    # -- keys and manifests -------------------------------------------------------------------------
+    def key(self, stage):
+        """The parts of a stage's cache key: config, code and inputs digests."""
+        external = importlib.import_module(stage.module).fingerprint(self.cfg) if stage.external else None
+        upstream = {}
+        for name in stage.upstream:
+            manifest = self.manifest(name)
+            upstream[name] = manifest["outputs"] if manifest else None
+        return {
+            "config": fileio.sha256_json({s: self.cfg.section(s) for s in stage.sections}),
+            "code": _module_source_hash(stage.code),
+            "inputs": fileio.sha256_json({"upstream": upstream, "external": external}),
+        }
+
+    def manifest(self, name):
+        """The manifest of a stage's cached outputs, or None if absent or unreadable (a cache miss)."""
+        path = self.catalog.stage(name).manifest
+        try:
+            manifest = fileio.read_json(path)
+            if not isinstance(manifest, dict) or not {"key", "outputs"} <= manifest.keys():
+                raise ValueError("incomplete manifest")
+            return manifest
+        except FileNotFoundError:
+            return None
+        except (ValueError, OSError) as exc:
+            log.warning("manifest %s is unreadable (%s); treating %s as never run", path, exc, name)
+            return None
+
+    def freshness(self, stage):
+        """Compare a stage's current key and outputs with its manifest."""
+        key = self.key(stage)
+        manifest = self.manifest(stage.name)
+        if manifest is None:
+            return Freshness("never run", ["never run"], key, None)
+        reasons = [f"{part} changed" for part in ("config", "code", "inputs") if manifest["key"].get(part) != key[part]]
+        root = self.catalog.stage(stage.name).root
+        for rel, digest in manifest["outputs"].items():
+            path = root / rel
+            if not path.is_file():
+                reasons.append(f"output {rel} missing")
+                break
+            if fileio.sha256_file(path) != digest:
+                reasons.append(f"output {rel} modified")
+                break
+        return Freshness("stale" if reasons else "fresh", reasons, key, manifest)
+
+    # -- running ------------------------------------------------------------------------------------
+    def run(self, targets, force=()):
+        """Run the named stages, after any stale upstream stage; reuse fresh ones. Returns what ran."""
+        ran = []
+        for stage in upstream_closure(targets):
+            status = self.freshness(stage)
+            forced = stage.name in force
+            if status.state == "fresh" and not forced:
+                log.info("%-10s fresh, skipping (ran %s, took %s)", stage.name,
+                         status.manifest.get("finished", "?"), _duration(status.manifest.get("duration_s")))
+                continue
+            why = "forced" if forced else ", ".join(status.reasons)
+            log.info("%-10s running (%s)", stage.name, why)
+            self._run_stage(stage, self.key(stage))
+            ran.append(stage.name)
+        return ran
+
+    def _run_stage(self, stage, key):
+        module = importlib.import_module(stage.module)
+        scratch = self.catalog.scratch(stage.name)
+        shutil.rmtree(scratch, ignore_errors=True)  # leftovers of an interrupted run
+        tmp = scratch / uuid.uuid4().hex
+        tmp.mkdir(parents=True)
+        out = self.catalog.stage(stage.name, tmp)
+        inputs = {name: self.catalog.stage(name) for name in stage.upstream}
+        started = datetime.now(timezone.utc)
+        t0 = time.monotonic()
+        try:
+            summary = module.run(StageContext(self.cfg, inputs, out, self.options)) or {}
+            duration = time.monotonic() - t0
+            resolved = {s: self.cfg.section(s) for s in stage.sections}
+            fileio.write_text(out.resolved_config, yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
+            outputs = {
+                str(p.relative_to(tmp)): fileio.sha256_file(p)
+                for p in sorted(tmp.rglob("*")) if p.is_file() and p.name != MANIFEST
+            }
+            manifest = {
+                "stage": stage.name, "key": key, "outputs": outputs, "summary": summary,
+                "started": started.isoformat(timespec="seconds"),
+                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "duration_s": round(duration, 2),
+            }
+            fileio.write_json(out.manifest, manifest)  # last: a folder without it is never fresh
+            final = self.catalog.stage(stage.name).root
+            if final.exists():
+                old = scratch / f"old-{uuid.uuid4().hex}"
+                final.rename(old)
+            tmp.rename(final)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        log.info("%-10s done in %s: %s", stage.name, _duration(duration), summary.get("message", ""))
+        return manifest
+
+    # -- status -------------------------------------------------------------------------------------
+    def status(self):
+        """One row per stage: name, state, reasons, last run, duration, main outputs."""
+        rows = []
+        stale_upstream = set()
+        for stage in STAGES:
+            status = self.freshness(stage)
+            reasons = list(status.reasons) if status.state != "fresh" else []
+            if status.state == "fresh" and any(up in stale_upstream for up in stage.upstream):
+                status.state, reasons = "stale", ["upstream stale"]
+            if status.state != "fresh":
+                stale_upstream.add(stage.name)
+            m = status.manifest or {}
+            rows.append({
+                "stage": stage.name, "state": status.state, "why": ", ".join(reasons),
+                "last_run": m.get("finished", "-"), "took": _duration(m.get("duration_s")),
+                "outputs": ", ".join(k for k in m.get("outputs", {}) if "/" not in k and k not in
+                                     ("config.yaml",))[:80] or "-",
+            })
+        return rows
+
+
+def _duration(seconds):
+    if seconds is None:
+        return "-"
+    seconds = float(seconds)
+    return f"{seconds:.1f}s" if seconds < 60 else f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+def stage_names():
+    """The names of all stages, in pipeline order."""
+    return [s.name for s in STAGES]
+
+
+def describe(name):
+    """A stage's one-line help."""
+    return BY_NAME[name].help
+

@@ -1,0 +1,52 @@
+"""Stage 4, finetune: unfreeze the backbone (whole, or from a block on) and train at a lower learning rate."""
+from __future__ import annotations
+
+import logging
+import shutil
+
+from pipeline import models, training
+from pipeline.backbones import block_start_layer
+from pipeline.fileio import write_json
+from pipeline.stages.ingest import read_index
+from pipeline.augmentation import split_batches
+from pipeline.stages.train_head import check_batch_size
+
+log = logging.getLogger("pipeline.finetune")
+
+
+def unfreeze(model, unfreeze_from, freeze_batchnorm):
+    """Make the backbone trainable from block `unfreeze_from` on (0: all of it); return the count of layers."""
+    import tf_keras as keras
+
+    base = models.backbone_of(model)
+    base.trainable = True
+    start = 0 if unfreeze_from == 0 else block_start_layer(base, unfreeze_from)
+    for i, layer in enumerate(base.layers):
+        layer.trainable = i >= start and not (freeze_batchnorm and isinstance(layer, keras.layers.BatchNormalization))
+    return sum(1 for layer in base.layers if layer.trainable and layer.weights)
+
+
+def run(ctx):
+    """Fine-tune the head model; with `epochs: 0` the head model is passed on unchanged."""
+    cfg, out, section = ctx.cfg, ctx.out, ctx.cfg.finetune
+    head_files = ctx.inputs["train-head"]
+    if section.epochs == 0:
+        shutil.copyfile(head_files.model, out.model)
+        shutil.copyfile(head_files.history, out.history)
+        shutil.copyfile(head_files.curves, out.curves)
+        write_json(out.summary, {"epochs_run": 0})
+        return {"message": "fine-tuning skipped (finetune.epochs is 0); the head model is passed on"}
+    check_batch_size("finetune", section.batch_size, len(read_index(ctx.inputs["ingest"], "train")))
+    model = models.load(head_files.model)
+    layers = unfreeze(model, section.unfreeze_from, section.freeze_batchnorm)
+    where = "the whole backbone" if section.unfreeze_from == 0 else f"block {section.unfreeze_from} on"
+    log.info("fine-tuning %s (%d trainable layers with weights, batchnorm %s)", where, layers,
+             "frozen" if section.freeze_batchnorm else "trainable")
+    ingest, augment, size = ctx.inputs["ingest"], ctx.inputs["augment"], cfg.model.image_size
+    train = split_batches(ingest, augment, "train", size, section.batch_size, augment=True, shuffle=True,
+                          seed=section.seed)
+    val = split_batches(ingest, augment, "val", size, section.batch_size)
+    summary = training.fit(model, train, val, section, out, section.learning_rate, reduce_lr=True)
+    model.save(str(out.model))
+    return {"message": f"fine-tuned {where}: best val accuracy {summary['val_accuracy']:.3f} at epoch "
+                       f"{summary['best_epoch']}/{summary['epochs_run']}", **summary}

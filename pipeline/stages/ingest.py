@@ -1,0 +1,213 @@
+"""Stage 1, ingest: scan a labelled image folder, check every file, and write the class list and image index.
+
+The source folder is only ever read. Labels are the sorted class folder names; `classes.txt` is the one file
+every later stage and every export reads them from.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from pipeline import dataset, fileio
+from pipeline.errors import DataError
+from pipeline.images import BadImage, inspect_bytes, is_image_name
+
+log = logging.getLogger("pipeline.ingest")
+
+INDEX_COLUMNS = ("split", "label", "path", "width", "height", "bytes", "sha256", "converted")
+
+
+def fingerprint(cfg):
+    """The dataset's identity for the cache key: its resolved path and every file's name, size and hash."""
+    path = cfg.data.path
+    if path is None:
+        return {"download": dataset.SNACKS_URL, "counts": dataset.SNACKS_COUNTS}
+    path = Path(path).resolve()
+    if path.is_file():
+        return {"archive": str(path), "sha256": _cached_hash(path)}
+    if not path.is_dir():
+        return {"missing": str(path)}
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    return {"folder": str(path),
+            "files": [[str(p.relative_to(path)), p.stat().st_size, _cached_hash(p)] for p in files]}
+
+
+_HASHES = {}
+
+
+def _cached_hash(path):
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _HASHES:
+        _HASHES[key] = fileio.sha256_file(path)
+    return _HASHES[key]
+
+
+def resolve_source(cfg, sources_dir):
+    """The dataset folder to scan: the configured folder, an unpacked archive, or the downloaded snacks."""
+    if cfg.data.path is None:
+        return dataset.download_snacks()
+    path = Path(cfg.data.path).resolve()
+    if path.is_file() or dataset.is_archive(path):
+        if not dataset.is_archive(path):
+            raise DataError(f"dataset path '{path}' is a file but not a .zip or .tar.gz archive; "
+                            f"{dataset.LAYOUTS_HELP}")
+        return dataset.unpack_archive(path, sources_dir)
+    return path
+
+
+def _class_folders(split_dir, ignored):
+    folders = {}
+    for entry in sorted(split_dir.iterdir()):
+        if entry.is_dir() and not entry.name.startswith((".", "__MACOSX")):
+            folders[dataset.label_of(entry.name)] = entry
+        else:
+            ignored.append({"path": str(entry), "reason": "not inside a class folder"})
+    return folders
+
+
+def _scan_folder(folder, label, split, cfg, ignored, bad):
+    rows = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        if not is_image_name(path):
+            ignored.append({"path": str(path), "reason": "not an image file name"})
+            continue
+        try:
+            size = path.stat().st_size
+            if size > cfg.ingest.max_file_mb * 1e6:
+                raise BadImage(f"absurdly large file: {size / 1e6:.0f} MB (ingest.max_file_mb is {cfg.ingest.max_file_mb})")
+            data = path.read_bytes()
+            info = inspect_bytes(data, cfg.ingest.max_image_pixels)
+        except BadImage as exc:
+            if cfg.ingest.on_bad_image == "fail":
+                raise DataError(f"bad image '{path}': {exc}; fix or remove the file, or set "
+                                "ingest.on_bad_image: skip to list and skip such files") from exc
+            bad.append({"path": str(path), "reason": str(exc)})
+            log.warning("skipping bad image %s: %s", path, exc)
+            continue
+        rows.append({"split": split, "label": label, "path": str(path), "width": info.width,
+                     "height": info.height, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "converted": info.converted})
+    return rows
+
+
+def scan(layout, cfg):
+    """Check every file of a dataset folder; return image rows, ignored files, bad images and notes."""
+    ignored, bad, notes = [], [], []
+    rows = []
+    if layout.kind == "splits":
+        for split, split_dir in layout.split_dirs.items():
+            for label, folder in _class_folders(split_dir, ignored).items():
+                log.info("scanning %s/%s", split, label)
+                rows += _scan_folder(folder, label, split, cfg, ignored, bad)
+        if "test" not in layout.split_dirs:
+            notes.append(f"no test/ folder: the test split was made from the training images "
+                         f"(ingest.test_ratio {cfg.ingest.test_ratio}, by content hash)")
+            for row in rows:
+                if dataset.assign_split(row["sha256"], cfg.ingest.seed, 0.0, cfg.ingest.test_ratio) == "test":
+                    row["split"] = "test"
+    else:
+        notes.append(f"no split folders: val and test were made per class by content hash "
+                     f"(ingest.val_ratio {cfg.ingest.val_ratio}, ingest.test_ratio {cfg.ingest.test_ratio})")
+        for label, folder in _class_folders(layout.root, ignored).items():
+            log.info("scanning %s", label)
+            for row in _scan_folder(folder, label, "train", cfg, ignored, bad):
+                row["split"] = dataset.assign_split(row["sha256"], cfg.ingest.seed,
+                                                    cfg.ingest.val_ratio, cfg.ingest.test_ratio)
+                rows.append(row)
+    return rows, ignored, bad, notes
+
+
+def check(rows, layout, cfg):
+    """Classes and warnings: missing or empty classes, leakage across splits, imbalance."""
+    warnings = []
+    counts = defaultdict(Counter)
+    for row in rows:
+        counts[row["label"]][row["split"]] += 1
+    all_labels = set(counts)
+    if layout.kind == "splits":
+        for split_dir in layout.split_dirs.values():
+            all_labels |= {dataset.label_of(p.name) for p in split_dir.iterdir()
+                           if p.is_dir() and not p.name.startswith((".", "__MACOSX"))}
+    classes = sorted(label for label in all_labels if counts[label]["train"] > 0)
+    for label in sorted(all_labels - set(classes)):
+        n = sum(counts[label].values())
+        warnings.append(f"class '{label}' has no training images and is left out"
+                        + (f" ({n} images in other splits dropped)" if n else " (empty)"))
+    if len(classes) < 2:
+        raise DataError(f"dataset '{layout.root}' has {len(classes)} class(es) with training images; at least two "
+                        f"are needed; {dataset.LAYOUTS_HELP}")
+    for label in classes:
+        for split in dataset.SPLITS:
+            if counts[label][split] == 0:
+                warnings.append(f"class '{label}' has no images in the {split} split")
+    largest = max(counts[label]["train"] for label in classes)
+    for label in classes:
+        if counts[label]["train"] < cfg.ingest.imbalance_ratio * largest:
+            warnings.append(f"class imbalance: '{label}' has {counts[label]['train']} training images, "
+                            f"less than {cfg.ingest.imbalance_ratio:g} x the largest class ({largest})")
+    by_hash = defaultdict(list)
+    for row in rows:
+        by_hash[row["sha256"]].append(row)
+    leaks = [group for group in by_hash.values() if len({r["split"] for r in group}) > 1]
+    for group in leaks:
+        warnings.append("leakage: the same image is in " + ", ".join(f"{r['split']} ({r['path']})" for r in group))
+    duplicates = sum(1 for group in by_hash.values() if len(group) > 1 and group not in leaks)
+    if duplicates:
+        warnings.append(f"{duplicates} image(s) appear more than once within one split")
+    return classes, counts, warnings, len(leaks)
+
+
+def run(ctx):
+    """Scan and check the dataset; write classes.txt, index.csv, counts.csv and ingest_report.json."""
+    cfg, out = ctx.cfg, ctx.out
+    source = resolve_source(cfg, ctx.options["sources_dir"])
+    layout = dataset.detect_layout(source)
+    log.info("scanning %s (%s layout)", layout.root, "split folders" if layout.kind == "splits" else "class folders")
+    rows, ignored, bad, notes = scan(layout, cfg)
+    classes, counts, warnings, leaks = check(rows, layout, cfg)
+    for message in notes + warnings:
+        log.warning(message)
+    if ignored:
+        log.info("ignored %d non-image file(s), listed in %s", len(ignored), out.report.name)
+    rows = [r for r in rows if r["label"] in classes]
+
+    fileio.write_text(out.classes, "".join(f"{label}\n" for label in classes))
+    fileio.write_text(out.index, _csv(INDEX_COLUMNS, rows))
+    fileio.write_text(out.counts, _csv(("label",) + dataset.SPLITS,
+                                       [{"label": c, **{s: counts[c][s] for s in dataset.SPLITS}} for c in classes]))
+    split_totals = {s: sum(counts[c][s] for c in classes) for s in dataset.SPLITS}
+    fileio.write_json(out.report, {
+        "source": str(layout.root), "layout": layout.kind, "classes": classes, "images": split_totals,
+        "notes": notes, "warnings": warnings, "bad_images": bad, "ignored_files": ignored,
+        "converted": [{"path": r["path"], "converted": r["converted"]} for r in rows if r["converted"]],
+    })
+    return {
+        "message": f"{len(classes)} classes, {len(rows)} images (train {split_totals['train']} / val "
+                   f"{split_totals['val']} / test {split_totals['test']}), {len(bad)} bad, {len(ignored)} ignored, "
+                   f"{len(warnings)} warning(s)",
+        "classes": len(classes), "images": split_totals, "bad_images": len(bad), "ignored_files": len(ignored),
+        "leaks": leaks,
+    }
+
+
+def _csv(columns, rows):
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def read_classes(files):
+    """The class labels written by ingest, in output order."""
+    return [line for line in Path(files.classes).read_text(encoding="utf-8").splitlines() if line]
+
+
+def read_index(files, split=None):
+    """The image index written by ingest: a list of (path, label) rows, optionally of one split."""
+    with open(files.index, newline="", encoding="utf-8") as f:
+        return [row for row in csv.DictReader(f) if split is None or row["split"] == split]

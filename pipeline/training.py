@@ -1,0 +1,96 @@
+"""Fitting a model with the pipeline's callbacks, and writing its history, curves and best weights."""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import sys
+import time
+
+from pipeline import fileio
+
+log = logging.getLogger("pipeline.training")
+
+
+def _callbacks():
+    import tf_keras as keras
+
+    class TimeBudget(keras.callbacks.Callback):
+        """Stop training once `minutes` have passed (checked after each epoch)."""
+
+        def __init__(self, minutes):
+            super().__init__()
+            self.seconds = None if minutes is None else minutes * 60
+            self.start = time.monotonic()
+            self.stopped_at = None
+
+        def on_epoch_end(self, epoch, logs=None):
+            if self.seconds is not None and time.monotonic() - self.start > self.seconds:
+                log.warning("time budget of %.1f min reached after epoch %d; keeping the best epoch",
+                            self.seconds / 60, epoch + 1)
+                self.stopped_at = epoch + 1
+                self.model.stop_training = True
+
+    class LearningRate(keras.callbacks.Callback):
+        """Record the learning rate of each epoch in the history."""
+
+        def on_epoch_end(self, epoch, logs=None):
+            if logs is not None:
+                logs["lr"] = float(keras.backend.get_value(self.model.optimizer.learning_rate))
+
+    return keras, TimeBudget, LearningRate
+
+
+def fit(model, train, validation, section, files, learning_rate, reduce_lr=False, **fit_kwargs):
+    """Compile and fit `model`; keep the best epoch by validation accuracy; write history and curves.
+
+    `section` is the train_head or finetune config (epochs, patience, max_minutes, ...). `train` is a
+    Sequence or an (x, y) tuple; `validation` likewise. Returns a summary dict of the run.
+    """
+    keras, TimeBudget, LearningRate = _callbacks()
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="categorical_crossentropy",
+                  metrics=["accuracy"])
+    budget = TimeBudget(section.max_minutes)
+    callbacks = [
+        LearningRate(),
+        keras.callbacks.ModelCheckpoint(str(files.checkpoint), monitor="val_accuracy", mode="max",
+                                        save_best_only=True, save_weights_only=True, verbose=0),
+        keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=section.patience,
+                                      restore_best_weights=True, verbose=0),
+        budget,
+    ]
+    if reduce_lr:
+        callbacks.insert(1, keras.callbacks.ReduceLROnPlateau(
+            monitor="val_loss", factor=section.lr_factor, patience=section.lr_patience,
+            min_lr=section.min_lr, verbose=1))
+    x, y = train if isinstance(train, tuple) else (train, None)
+    keras.utils.set_random_seed(section.seed)
+    t0 = time.monotonic()
+    history = model.fit(x, y, validation_data=validation, epochs=section.epochs,
+                        batch_size=section.batch_size if y is not None else None, callbacks=callbacks,
+                        verbose=1 if sys.stderr.isatty() else 2, **fit_kwargs)
+    seconds = time.monotonic() - t0
+    model.load_weights(str(files.checkpoint))  # the best epoch, whatever stopped training
+    files.checkpoint.unlink()
+    rows = [dict(epoch=i + 1, **{k: float(v[i]) for k, v in history.history.items()})
+            for i in range(len(history.epoch))]
+    write_history(files, rows)
+    best = max(rows, key=lambda r: r["val_accuracy"])
+    summary = {"epochs_run": len(rows), "best_epoch": best["epoch"], "val_accuracy": best["val_accuracy"],
+               "val_loss": best["val_loss"], "fit_seconds": round(seconds, 1),
+               "stopped_by_time_budget": budget.stopped_at is not None}
+    fileio.write_json(files.summary, summary)
+    return summary
+
+
+def write_history(files, rows):
+    """Write the per-epoch history as CSV and plot its loss and accuracy curves."""
+    buffer = io.StringIO()
+    columns = list(rows[0]) if rows else ["epoch"]
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    fileio.write_text(files.history, buffer.getvalue())
+    from pipeline.report import plot_curves
+
+    plot_curves(rows, files.curves)

@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny image folders of coloured shapes built on the fly."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+# One class name with a space, one with non-ASCII letters.
+CLASSES = ("circle", "red square", "étoile")
+COLOURS = {"circle": (40, 90, 220), "red square": (220, 40, 40), "étoile": (240, 200, 30)}
+REPO = Path(__file__).resolve().parent.parent
+SMOKE_CONFIG = REPO / "configs" / "smoke.yaml"
+
+
+def shape_image(label, seed, size=40):
+    """A small RGB image of the class's shape and colour, with a little per-image variation."""
+    rng = np.random.default_rng(seed)
+    background = tuple(int(v) for v in rng.integers(180, 255, 3))
+    image = Image.new("RGB", (size + int(rng.integers(0, 8)), size), background)
+    draw = ImageDraw.Draw(image)
+    x0, y0 = int(rng.integers(2, 8)), int(rng.integers(2, 8))
+    box = (x0, y0, x0 + size // 2 + 8, y0 + size // 2 + 8)
+    colour = tuple(int(np.clip(c + rng.integers(-20, 20), 0, 255)) for c in COLOURS[label])
+    if label == "circle":
+        draw.ellipse(box, fill=colour)
+    elif label == "red square":
+        draw.rectangle(box, fill=colour)
+    else:
+        cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+        draw.polygon([(cx, box[1]), (box[2], cy), (cx, box[3]), (box[0], cy)], fill=colour)
+    return image
+
+
+def write_images(folder, label, count, start=0):
+    """Write `count` JPEGs of one class into `folder`; return their paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(start, start + count):
+        path = folder / f"img_{i:03d}.jpg"
+        shape_image(label, seed=hash((label, i)) % (1 << 31)).save(path, quality=92)
+        paths.append(path)
+    return paths
+
+
+def make_split_dataset(root, counts=None, splits=("train", "val", "test"), classes=CLASSES):
+    """A snacks-style dataset: root/<split>/<class>/*.jpg."""
+    counts = counts or {"train": 8, "val": 3, "test": 3}
+    for s, split in enumerate(splits):
+        for label in classes:
+            write_images(root / split / label, label, counts[split], start=100 * s)
+    return root
+
+
+def make_class_dataset(root, count=20, classes=CLASSES):
+    """A bare dataset: root/<class>/*.jpg, no splits."""
+    for label in classes:
+        write_images(root / label, label, count)
+    return root
+
+
+@pytest.fixture
+def split_dataset(tmp_path):
+    """A tiny train/val/test dataset of three shape classes."""
+    return make_split_dataset(tmp_path / "shapes")
+
+
+@pytest.fixture
+def class_dataset(tmp_path):
+    """A tiny dataset of three class folders with no splits."""
+    return make_class_dataset(tmp_path / "bare")
