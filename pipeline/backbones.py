@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from pipeline.catalog import keras_home
 from pipeline.errors import WeightsError
 
 WEIGHTS_DIR_ENV = "MULTISNACKS_WEIGHTS_DIR"
@@ -66,8 +67,8 @@ def block_start_layer(base, block):
 
 
 def keras_cache_dir():
-    """The folder where Keras caches downloaded model weights (~/.keras/models, or $KERAS_HOME/models)."""
-    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
+    """The folder where Keras caches downloaded model weights."""
+    return keras_home() / "models"
 
 
 def candidate_weight_files(backbone, alpha, image_size, weights_dir=None):

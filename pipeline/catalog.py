@@ -6,6 +6,7 @@ folder while the stage runs and swap it into place when the stage succeeds.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 MANIFEST = "manifest.json"
@@ -105,3 +106,8 @@ class Catalog:
     def scratch(self, name):
         """The root for a stage's temporary folders while it runs."""
         return self.root / f".{name}.tmp"
+
+
+def keras_home():
+    """Keras's own cache folder (datasets/ and models/ beneath it): $KERAS_HOME, else ~/.keras."""
+    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras"))

@@ -1,6 +1,7 @@
 """Finding a labelled image folder: layouts, archives, the default download, and hash-based split assignment."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import shutil
 import tarfile
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import fileio
+from pipeline.catalog import keras_home
 from pipeline.errors import DataError
 from pipeline.images import is_image_name
 
@@ -54,7 +56,8 @@ def detect_layout(root):
     """Recognise the layout of a dataset folder, descending through single wrapper folders."""
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"dataset folder '{root}' does not exist; pass --data PATH or set data.path in the config")
+        raise DataError(f"dataset folder '{root}' does not exist; pass --data PATH or set data.path in the config; "
+                        f"{LAYOUTS_HELP}")
     while True:
         by_name = {p.name.lower(): p for p in _subdirs(root)}
         split_dirs = {}
@@ -70,7 +73,11 @@ def detect_layout(root):
         subdirs = list(by_name.values())
         loose = [p for p in root.iterdir() if p.is_file() and is_image_name(p)]
         if len(subdirs) == 1 and not loose:
-            root = subdirs[0]
+            inner = subdirs[0]
+            if any(p.is_file() and is_image_name(p) for p in inner.iterdir()) and not _subdirs(inner):
+                raise DataError(f"dataset folder '{root}' holds a single class folder ('{inner.name}'); at least "
+                                f"two classes are needed; {LAYOUTS_HELP}")
+            root = inner
             continue
         if len(subdirs) < 2:
             raise DataError(f"dataset folder '{root}' has {len(subdirs)} class folder(s); at least two classes "
@@ -108,6 +115,9 @@ def unpack_archive(archive, sources_dir):
             with tarfile.open(archive) as tf:
                 _check_members(archive, tf.getnames())
                 tf.extractall(tmp, filter="data")
+    except DataError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise DataError(f"dataset archive '{archive}' cannot be unpacked ({exc}); "
@@ -128,8 +138,13 @@ def download_snacks():
     """Download the snacks archive into the Keras cache (once), unpack it, and check its image counts."""
     import tf_keras as keras
 
+    # tf_keras's get_file ignores $KERAS_HOME, and uses /tmp/.keras if the cache folder does not exist yet.
+    cache_dir = keras_home()
+    with contextlib.suppress(OSError):
+        cache_dir.mkdir(parents=True, exist_ok=True)
     try:
-        archive = keras.utils.get_file(SNACKS_ARCHIVE, origin=SNACKS_URL, cache_subdir="datasets")
+        archive = keras.utils.get_file(SNACKS_ARCHIVE, origin=SNACKS_URL, cache_dir=str(cache_dir),
+                                       cache_subdir="datasets")
     except Exception as exc:  # get_file raises several kinds for network failures
         raise DataError(f"no dataset given and downloading the snacks dataset from {SNACKS_URL} failed ({exc}); "
                         "pass --data PATH to a local copy, or set data.path in the config") from exc

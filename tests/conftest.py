@@ -75,3 +75,59 @@ def split_dataset(tmp_path):
 def class_dataset(tmp_path):
     """A tiny dataset of three class folders with no splits."""
     return make_class_dataset(tmp_path / "bare")
+
+
+def invoke(*args):
+    """Run the CLI in-process; return Click's result (stdout and stderr captured)."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def ran(result):
+    """The stages a CLI run actually ran, from its log."""
+    import re
+
+    return re.findall(r"I (\S+)\s+running \(", result.stderr)
+
+
+def base_args(world, artifacts=None, config=SMOKE_CONFIG):
+    """Global CLI options for the shared smoke world, optionally with another artifacts folder or config."""
+    return ["--config", str(config), "--data", str(world["data"]), "--artifacts", str(artifacts or world["artifacts"])]
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """One full smoke run of every stage on a tiny dataset, shared by the end-to-end tests (copy before changing)."""
+    root = tmp_path_factory.mktemp("e2e")
+    data = make_split_dataset(root / "shapes")
+    artifacts = root / "artifacts"
+    first = invoke("--config", str(SMOKE_CONFIG), "--data", str(data), "--artifacts", str(artifacts), "all")
+    return {"root": root, "data": data, "artifacts": artifacts, "first": first}
+
+
+def exif_jpeg(path, image, orientation):
+    """Save `image` as a JPEG whose EXIF orientation tag (0x0112) is `orientation`; return the path."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    image.save(path, quality=95, exif=exif)
+    return path
+
+
+def zip_folder(folder, archive, prefix=None):
+    """Pack every file under `folder` into a .zip, members under `prefix/` (default: the folder's name)."""
+    import zipfile
+
+    prefix = folder.name if prefix is None else prefix
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            zf.write(path, str(Path(prefix) / path.relative_to(folder)))
+    return archive
+
+
+def snapshot(folder):
+    """Every file and folder under `folder` with its size and mtime, to show that nothing changed it."""
+    return {str(p.relative_to(folder)): (p.is_dir(), p.stat().st_size if p.is_file() else None, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*"))}

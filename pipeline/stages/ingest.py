@@ -107,7 +107,8 @@ def scan(layout, cfg):
             notes.append(f"no test/ folder: the test split was made from the training images "
                          f"(ingest.test_ratio {cfg.ingest.test_ratio}, by content hash)")
             for row in rows:
-                if dataset.assign_split(row["sha256"], cfg.ingest.seed, 0.0, cfg.ingest.test_ratio) == "test":
+                if row["split"] == "train" and dataset.assign_split(row["sha256"], cfg.ingest.seed, 0.0,
+                                                                    cfg.ingest.test_ratio) == "test":
                     row["split"] = "test"
     else:
         notes.append(f"no split folders: val and test were made per class by content hash "
@@ -128,10 +129,9 @@ def check(rows, layout, cfg):
     for row in rows:
         counts[row["label"]][row["split"]] += 1
     all_labels = set(counts)
-    if layout.kind == "splits":
-        for split_dir in layout.split_dirs.values():
-            all_labels |= {dataset.label_of(p.name) for p in split_dir.iterdir()
-                           if p.is_dir() and not p.name.startswith((".", "__MACOSX"))}
+    for split_dir in layout.split_dirs.values() if layout.kind == "splits" else [layout.root]:
+        all_labels |= {dataset.label_of(p.name) for p in split_dir.iterdir()
+                       if p.is_dir() and not p.name.startswith((".", "__MACOSX"))}
     classes = sorted(label for label in all_labels if counts[label]["train"] > 0)
     for label in sorted(all_labels - set(classes)):
         n = sum(counts[label].values())

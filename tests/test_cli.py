@@ -1,0 +1,149 @@
+"""The CLI end to end on a tiny dataset with configs/smoke.yaml: every stage, the cache, chaining, status."""
+import json
+import re
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import SMOKE_CONFIG, base_args, invoke, ran
+from pipeline.cli import cli
+from pipeline.exporters import coreml
+
+STAGES = ["ingest", "augment", "train-head", "finetune", "evaluate", "export"]
+
+
+def test_all_runs_every_stage_and_writes_the_exports(world):
+    result = world["first"]
+    assert result.exit_code == 0, result.stderr
+    assert ran(result) == STAGES
+    export = world["artifacts"] / "export"
+    for name in ("MultiSnacks.mlmodel", "MultiSnacks.onnx", "MultiSnacks.tflite", "labels.txt", "export.json"):
+        assert (export / name).is_file(), name
+    for name in ("metrics.json", "report.md", "confusion.png", "predictions.csv"):
+        assert (world["artifacts"] / "evaluate" / name).is_file(), name
+    assert (world["artifacts"] / "augment" / "preview.png").is_file()
+    assert (world["artifacts"] / "finetune" / "history.csv").read_text().splitlines()[0].count("lr")
+    # Each stage ends with one summary line.
+    for stage in STAGES:
+        assert re.search(rf"I {re.escape(stage)}\s+done in \S+: \S", result.stderr), stage
+
+
+def test_coreml_spec_field_by_field(world):
+    spec = coreml.read_spec(world["artifacts"] / "export" / "MultiSnacks.mlmodel")
+    classes = (world["artifacts"] / "ingest" / "classes.txt").read_text(encoding="utf-8").splitlines()
+    assert classes == ["circle", "red square", "étoile"]
+    (inp,) = spec.description.input
+    assert inp.name == "image"
+    assert inp.type.WhichOneof("Type") == "imageType"
+    assert (inp.type.imageType.width, inp.type.imageType.height) == (32, 32)
+    assert inp.type.imageType.colorSpace == 20  # RGB
+    scaler = spec.neuralNetworkClassifier.preprocessing[0].scaler
+    assert abs(scaler.channelScale - 2 / 255) < 1e-7
+    assert (scaler.redBias, scaler.greenBias, scaler.blueBias) == (-1.0, -1.0, -1.0)
+    assert list(spec.neuralNetworkClassifier.stringClassLabels.vector) == classes
+    outputs = {o.name: o.type.WhichOneof("Type") for o in spec.description.output}
+    assert outputs == {"labelProbability": "dictionaryType", "label": "stringType"}
+    md = spec.description.metadata
+    assert md.author and md.license and md.shortDescription and md.versionString == "1.0"
+    user = dict(md.userDefined)
+    assert user["com.apple.coreml.model.preview.type"] == "imageClassifier"
+    for key in ("backbone", "image_size", "test_accuracy", "dataset", "training"):
+        assert user[key], key
+    assert user["image_size"] == "32"
+    metrics = json.loads((world["artifacts"] / "evaluate" / "metrics.json").read_text())
+    assert user["test_accuracy"] == f"{metrics['accuracy']:.4f}"
+
+
+def test_label_order_is_the_same_everywhere(world):
+    import onnx
+
+    from pipeline import models
+
+    classes = (world["artifacts"] / "ingest" / "classes.txt").read_text(encoding="utf-8").splitlines()
+    export = world["artifacts"] / "export"
+    assert (export / "labels.txt").read_text(encoding="utf-8").splitlines() == classes
+    assert json.loads((export / "export.json").read_text(encoding="utf-8"))["labels"] == classes
+    props = {p.key: p.value for p in onnx.load(str(export / "MultiSnacks.onnx")).metadata_props}
+    assert json.loads(props["labels"]) == classes
+    spec = coreml.read_spec(export / "MultiSnacks.mlmodel")
+    assert list(spec.neuralNetworkClassifier.stringClassLabels.vector) == classes
+    model = models.load(world["artifacts"] / "finetune" / "model.h5")
+    assert model.output_shape[-1] == len(classes)
+    metrics = json.loads((world["artifacts"] / "evaluate" / "metrics.json").read_text(encoding="utf-8"))
+    assert list(metrics["per_class"]) == classes
+
+
+def test_second_run_does_no_work(world):
+    result = invoke(*base_args(world), "all")
+    assert result.exit_code == 0
+    assert ran(result) == []
+    assert len(re.findall(r"fresh, skipping", result.stderr)) == 6
+
+
+def test_status_table(world):
+    result = invoke(*base_args(world), "status")
+    assert result.exit_code == 0
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[:3] == ["stage", "state", "why"]
+    for stage, line in zip(STAGES, lines[1:]):
+        assert line.split()[:2] == [stage, "fresh"]
+    assert "MultiSnacks.mlmodel" in result.stdout
+
+
+def test_config_change_reruns_exactly_the_right_stages(world, tmp_path):
+    artifacts = tmp_path / "artifacts"
+    shutil.copytree(world["artifacts"], artifacts)
+    config = tmp_path / "smoke.yaml"
+    config.write_text(SMOKE_CONFIG.read_text().replace("finetune:\n", "finetune:\n  learning_rate: 0.0003\n"))
+    status = invoke(*base_args(world, artifacts, config), "status")
+    states = {line.split()[0]: line.split()[1] for line in status.stdout.splitlines()[1:]}
+    assert states == {"ingest": "fresh", "augment": "fresh", "train-head": "fresh", "finetune": "stale",
+                      "evaluate": "stale", "export": "stale"}
+    assert "config changed" in status.stdout
+    result = invoke(*base_args(world, artifacts, config), "finetune")
+    assert ran(result) == ["finetune"]  # naming a stage does not run what is downstream of it
+    result = invoke(*base_args(world, artifacts, config), "all")
+    assert ran(result) == ["evaluate", "export"]
+
+
+def test_chaining_and_force(world, tmp_path):
+    artifacts = tmp_path / "artifacts"
+    shutil.copytree(world["artifacts"], artifacts)
+    result = invoke(*base_args(world, artifacts), "train-head", "evaluate")
+    assert ran(result) == []
+    result = invoke(*base_args(world, artifacts), "--force", "evaluate", "augment")
+    assert ran(result) == ["augment", "evaluate"]
+
+
+def test_deleted_output_makes_a_stage_stale(world, tmp_path):
+    artifacts = tmp_path / "artifacts"
+    shutil.copytree(world["artifacts"], artifacts)
+    (artifacts / "evaluate" / "confusion.png").unlink()
+    status = invoke(*base_args(world, artifacts), "status")
+    assert "output confusion.png missing" in status.stdout
+    result = invoke(*base_args(world, artifacts), "evaluate")
+    assert ran(result) == ["evaluate"]
+
+
+def test_bad_config_is_a_clear_error(world, tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("model:\n  dropout: 1.5\n")
+    result = CliRunner().invoke(cli, base_args(world, tmp_path / "a", config) + ["ingest"])
+    assert result.exit_code == 1
+    assert "model.dropout" in result.stderr and "1.5" in result.stderr
+    assert not (tmp_path / "a").exists()
+
+
+def test_missing_data_is_a_clear_error(world, tmp_path):
+    result = CliRunner().invoke(cli, ["--config", str(SMOKE_CONFIG), "--data", str(tmp_path / "nowhere"),
+                                      "--artifacts", str(tmp_path / "a"), "ingest"])
+    assert result.exit_code == 1
+    assert "nowhere" in result.stderr and "does not exist" in result.stderr
+
+
+def test_help_explains_each_stage():
+    for stage in STAGES + ["all", "status"]:
+        result = invoke(stage, "--help")
+        assert result.exit_code == 0 and len(result.stdout) > 40
+    assert "--force" in invoke("--help").stdout

@@ -1,0 +1,82 @@
+"""Config loading and validation: defaults, the shipped configs, and errors that name key, value and what is allowed."""
+from pathlib import Path
+
+import pytest
+
+from pipeline import config
+from pipeline.errors import ConfigError
+from pipeline.stages.train_head import check_batch_size
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.mark.parametrize("name", ["multisnacks.yaml", "book.yaml", "smoke.yaml"])
+def test_shipped_configs_load(name):
+    cfg = config.load(CONFIGS / name)
+    assert cfg.model.backbone == "mobilenet"
+
+
+def test_book_config_is_the_books_recipe():
+    cfg = config.load(CONFIGS / "book.yaml")
+    assert (cfg.train_head.epochs, cfg.train_head.features, cfg.train_head.learning_rate) == (10, "live", 1e-3)
+    assert (cfg.finetune.epochs, cfg.finetune.unfreeze_from, cfg.finetune.learning_rate) == (20, 0, 1e-4)
+    assert cfg.model.image_size == 224 and cfg.model.dropout == 0.5 and cfg.model.l2 == 0.001
+
+
+def test_missing_keys_take_defaults():
+    cfg = config.from_dict({"model": {"alpha": 0.5}})
+    assert cfg.model.alpha == 0.5
+    assert cfg.augment.rotation_range == 40 and cfg.augment.fill_mode == "nearest"
+
+
+def test_data_override(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  path: /somewhere\n")
+    assert config.load(path, data="/elsewhere").data.path == "/elsewhere"
+    assert config.load(path).data.path == "/somewhere"
+
+
+@pytest.mark.parametrize("raw, words", [
+    ({"model": {"dropuot": 0.5}}, ["model.dropuot", "unknown", "dropout"]),
+    ({"modle": {}}, ["modle", "is unknown", "model"]),
+    ({"model": {"dropout": 1.0}}, ["model.dropout", "1.0", "[0, 1)"]),
+    ({"model": {"dropout": -0.1}}, ["model.dropout", "-0.1"]),
+    ({"model": {"dropout": "high"}}, ["model.dropout", "'high'", "a number"]),
+    ({"train_head": {"learning_rate": 0}}, ["train_head.learning_rate", "0", "(0, 1]"]),
+    ({"finetune": {"learning_rate": -1e-4}}, ["finetune.learning_rate", "-0.0001"]),
+    ({"train_head": {"epochs": 2.5}}, ["train_head.epochs", "2.5", "an integer"]),
+    ({"train_head": {"features": "sometimes"}}, ["train_head.features", "'live'", "'cached'"]),
+    ({"ingest": {"on_bad_image": "ignore"}}, ["ingest.on_bad_image", "'skip'", "'fail'"]),
+    ({"model": {"alpha": 0.6}}, ["model.alpha", "0.6", "0.75"]),
+    ({"finetune": {"unfreeze_from": 14}}, ["finetune.unfreeze_from", "14", "[0, 13]"]),
+    ({"export": {"formats": ["coreml", "pdf"]}}, ["export.formats", "pdf", "onnx"]),
+    ({"augment": {"horizontal_flip": "yes"}}, ["augment.horizontal_flip", "true/false"]),
+    ({"model": "big"}, ["model", "mapping"]),
+])
+def test_validation_errors_name_key_value_and_allowed(raw, words):
+    with pytest.raises(ConfigError) as err:
+        config.from_dict(raw)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        config.load(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.load(tmp_path / "nope.yaml")
+
+
+def test_error_from_file_names_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("finetune:\n  learning_rate: -1\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: config key 'finetune.learning_rate'"):
+        config.load(path)
+
+
+def test_batch_size_larger_than_training_set():
+    check_batch_size("train_head", 8, 8)
+    with pytest.raises(ConfigError, match=r"'train_head.batch_size' has value 64, larger than the training set \(10"):
+        check_batch_size("train_head", 64, 10)

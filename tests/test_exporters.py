@@ -1,0 +1,126 @@
+"""Exporters on a small model with a known answer: each class is a colour, so label order and preprocessing show."""
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.exporters import FORMATS, ExportMeta, coreml, onnx as onnx_export, tflite
+
+LABELS = ["circle", "red square", "étoile"]  # blue, red, yellow: sorted as classes.txt sorts them
+PROTOTYPES = np.array([[0, 0, 255], [255, 0, 0], [255, 255, 0]], dtype=np.float32)  # RGB 0-255
+SIZE = 16
+
+
+def colour_model():
+    """Preprocessed image -> mean colour -> nearest colour prototype (softmax over -distance^2)."""
+    import tf_keras as keras
+
+    protos = PROTOTYPES * 2 / 255 - 1
+    inputs = keras.Input((SIZE, SIZE, 3), name="image")
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(inputs)
+    dense = keras.layers.Dense(len(LABELS), name="logits")
+    x = keras.layers.Activation("softmax", name="probabilities")(dense(x))
+    dense.set_weights([4 * protos.T, -2 * (protos ** 2).sum(1)])
+    return keras.Model(inputs, x)
+
+
+def meta():
+    return ExportMeta(labels=LABELS, image_size=SIZE, scale=2 / 255, bias=-1.0, author="tests", license="MIT",
+                      description="colour test model", version="0.0", user={"backbone": "none"})
+
+
+def solid(rgb):
+    return np.full((SIZE, SIZE, 3), rgb, dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return colour_model()
+
+
+@pytest.fixture(scope="module")
+def pixels():
+    rng = np.random.default_rng(0)
+    images = [solid(p) for p in PROTOTYPES] + [rng.uniform(0, 255, (SIZE, SIZE, 3)).astype(np.float32)
+                                               for _ in range(5)]
+    return np.stack(images)
+
+
+def test_the_colour_model_knows_its_colours(model, pixels):
+    probs = model.predict(pixels[:3] * 2 / 255 - 1, verbose=0)
+    assert list(probs.argmax(1)) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("module", [onnx_export, tflite], ids=["onnx", "tflite"])
+def test_raw_pixel_exports_agree_with_keras(tmp_path, model, pixels, module):
+    path = tmp_path / "m.bin"
+    module.export(model, meta(), path)
+    expected = model.predict(pixels * 2 / 255 - 1, verbose=0)
+    probs = module.predict(path, pixels)
+    assert list(probs[:3].argmax(1)) == [0, 1, 2]  # raw red pixels in -> "red square" out
+    result = module.check(path, meta(), pixels, expected)
+    assert result["top1_agreement"] == 1.0
+    assert result["max_probability_difference"] < 1e-5
+
+
+def test_onnx_metadata_reads_back(tmp_path, model):
+    import onnx
+
+    path = tmp_path / "m.onnx"
+    onnx_export.export(model, meta(), path)
+    proto = onnx.load(str(path))
+    props = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(props["labels"]) == LABELS
+    assert props["input_layout"] == "NHWC" and props["input_range"] == "0-255"
+    assert float(props["bias"]) == -1.0 and abs(float(props["scale"]) - 2 / 255) < 1e-12
+    assert [o.name for o in proto.graph.output] == ["labelProbability"]
+
+
+@pytest.fixture(scope="module")
+def coreml_spec(tmp_path_factory, model):
+    path = tmp_path_factory.mktemp("coreml") / "m.mlmodel"
+    coreml.export(model, meta(), path)
+    return coreml.read_spec(path)
+
+
+def test_coreml_spec_fields(coreml_spec):
+    spec = coreml_spec
+    assert coreml.spec_problems(spec, meta()) == []
+    (inp,) = spec.description.input
+    assert inp.name == "image" and inp.type.imageType.width == SIZE and inp.type.imageType.height == SIZE
+    scaler = spec.neuralNetworkClassifier.preprocessing[0].scaler
+    assert abs(scaler.channelScale - 2 / 255) < 1e-7
+    assert (scaler.redBias, scaler.greenBias, scaler.blueBias) == (-1, -1, -1)
+    assert list(spec.neuralNetworkClassifier.stringClassLabels.vector) == LABELS
+    assert {o.name for o in spec.description.output} == {"labelProbability", "label"}
+    assert spec.description.predictedProbabilitiesName == "labelProbability"
+    assert spec.description.predictedFeatureName == "label"
+    md = spec.description.metadata
+    assert (md.author, md.license, md.versionString) == ("tests", "MIT", "0.0")
+    assert md.shortDescription == "colour test model"
+    assert md.userDefined["com.apple.coreml.model.preview.type"] == "imageClassifier"
+    assert md.userDefined["backbone"] == "none"
+    assert spec.description.input[0].shortDescription
+
+
+@pytest.mark.parametrize("break_it, words", [
+    (lambda s: setattr(s.neuralNetworkClassifier.preprocessing[0].scaler, "redBias", 0.0), "redBias"),
+    (lambda s: setattr(s.neuralNetworkClassifier.preprocessing[0].scaler, "channelScale", 1.0), "channelScale"),
+    (lambda s: s.neuralNetworkClassifier.stringClassLabels.vector.insert(0, s.neuralNetworkClassifier
+                                                                          .stringClassLabels.vector.pop()), "labels"),
+    (lambda s: setattr(s.description.input[0].type.imageType, "colorSpace", 30), "colour space"),
+    (lambda s: setattr(s.description.output[0], "name", "Identity"), "outputs"),
+])
+def test_coreml_spec_check_catches_wrong_fields(coreml_spec, break_it, words):
+    spec = type(coreml_spec)()
+    spec.CopyFrom(coreml_spec)
+    break_it(spec)
+    problems = coreml.spec_problems(spec, meta())
+    assert any(words in p for p in problems), problems
+
+
+def test_format_table_names_existing_modules():
+    for fmt in FORMATS.values():
+        module = fmt.exporter()
+        assert callable(module.export) and callable(module.check)
+        assert fmt.suffix.startswith(".")

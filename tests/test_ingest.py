@@ -1,0 +1,313 @@
+"""The ingest stage, run through the Runner on tiny folders of coloured shapes."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import shutil
+import unicodedata
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from PIL import Image
+
+from conftest import (CLASSES, exif_jpeg, make_class_dataset, make_split_dataset, shape_image, snapshot,
+                      write_images, zip_folder)
+from pipeline.catalog import Catalog
+from pipeline.config import from_dict
+from pipeline.dataset import SPLITS, assign_split
+from pipeline.errors import DataError
+from pipeline.runner import Runner
+from pipeline.stages import BY_NAME
+
+ETOILE = "\u00e9toile"  # NFC
+
+
+def runner_for(data, artifacts, **ingest):
+    return Runner(from_dict({"data": {"path": str(data)}, "ingest": ingest}), artifacts)
+
+
+def ingest(data, artifacts, **ingest_cfg):
+    """Run the ingest stage and read back everything it wrote."""
+    ran = runner_for(data, artifacts, **ingest_cfg).run(["ingest"])
+    assert ran == ["ingest"]
+    return outputs(artifacts)
+
+
+def outputs(artifacts):
+    files = Catalog(artifacts).stage("ingest")
+    with open(files.index, newline="", encoding="utf-8") as f:
+        index = list(csv.DictReader(f))
+    with open(files.counts, newline="", encoding="utf-8") as f:
+        counts = {row["label"]: {s: int(row[s]) for s in SPLITS} for row in csv.DictReader(f)}
+    return SimpleNamespace(
+        classes_text=files.classes.read_text(encoding="utf-8"),
+        classes=files.classes.read_text(encoding="utf-8").splitlines(),
+        index=index, by_path={row["path"]: row for row in index}, counts=counts,
+        report=json.loads(files.report.read_text(encoding="utf-8")))
+
+
+def warnings_about(out, text):
+    return [w for w in out.report["warnings"] if text in w]
+
+
+def folder_split(path, root):
+    """The split folder an indexed file sits in."""
+    return Path(path).relative_to(root).parts[0]
+
+
+# -- the basic outputs -----------------------------------------------------------------------------
+
+def test_classes_counts_and_index(split_dataset, tmp_path):
+    out = ingest(split_dataset, tmp_path / "artifacts")
+    assert out.classes_text == f"circle\nred square\n{ETOILE}\n"
+    assert out.counts == {label: {"train": 8, "val": 3, "test": 3} for label in CLASSES}
+    assert out.report["images"] == {"train": 24, "val": 9, "test": 9}
+    assert out.report["layout"] == "splits" and out.report["classes"] == out.classes
+    assert out.report["notes"] == [] and out.report["warnings"] == []
+    assert out.report["bad_images"] == [] and out.report["ignored_files"] == [] and out.report["converted"] == []
+    assert len(out.index) == 42
+    for row in out.index:
+        split, label, _ = Path(row["path"]).relative_to(split_dataset).parts
+        assert (row["split"], row["label"]) == (split, label)
+        data = Path(row["path"]).read_bytes()
+        assert row["sha256"] == hashlib.sha256(data).hexdigest() and int(row["bytes"]) == len(data)
+        with Image.open(row["path"]) as image:
+            assert (int(row["width"]), int(row["height"])) == image.size
+
+
+def test_non_image_files_are_ignored(split_dataset, tmp_path):
+    folder = split_dataset / "train" / "circle"
+    (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (folder / "notes.txt").write_text("taken on holiday")
+    (split_dataset / "val" / "stray.jpg").write_bytes((folder / "img_000.jpg").read_bytes())
+    out = ingest(split_dataset, tmp_path / "artifacts")
+    ignored = {item["path"]: item["reason"] for item in out.report["ignored_files"]}
+    assert ignored == {str(folder / ".DS_Store"): "not an image file name",
+                       str(folder / "notes.txt"): "not an image file name",
+                       str(split_dataset / "val" / "stray.jpg"): "not inside a class folder"}
+    assert not any(p in out.by_path for p in ignored)
+    assert out.counts["circle"]["train"] == 8 and out.counts["circle"]["val"] == 3
+    assert out.report["bad_images"] == [] and out.report["warnings"] == []
+
+
+def plant_bad_images(folder):
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is no JPEG" * 20)
+    (folder / "empty.jpg").write_bytes(b"")
+    return folder / "corrupt.jpg", folder / "empty.jpg"
+
+
+def test_bad_images_are_listed_and_skipped(split_dataset, tmp_path):
+    corrupt, empty = plant_bad_images(split_dataset / "train" / "red square")
+    out = ingest(split_dataset, tmp_path / "artifacts")
+    bad = {item["path"]: item["reason"] for item in out.report["bad_images"]}
+    assert set(bad) == {str(corrupt), str(empty)}
+    assert bad[str(corrupt)].startswith("does not decode")
+    assert bad[str(empty)].startswith("empty file")
+    assert str(corrupt) not in out.by_path and str(empty) not in out.by_path
+    assert out.counts["red square"]["train"] == 8
+    assert out.report["ignored_files"] == []
+
+
+def test_bad_image_fails_the_run_when_asked(split_dataset, tmp_path):
+    corrupt = split_dataset / "train" / "red square" / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0 this is no JPEG" * 20)
+    artifacts = tmp_path / "artifacts"
+    with pytest.raises(DataError, match="bad image") as excinfo:
+        runner_for(split_dataset, artifacts, on_bad_image="fail").run(["ingest"])
+    assert str(corrupt) in str(excinfo.value) and "does not decode" in str(excinfo.value)
+    assert not (artifacts / "ingest").exists()  # no half-written stage folder
+
+
+def test_odd_image_modes_are_converted(split_dataset, tmp_path):
+    folder = split_dataset / "train" / ETOILE
+    base = shape_image(ETOILE, 7, size=40)
+    base.convert("L").save(folder / "gray.jpg")
+    base.convert("RGBA").save(folder / "alpha.png")
+    base.convert("CMYK").save(folder / "cmyk.jpg")
+    exif_jpeg(folder / "rotated.jpg", base, 6)
+    out = ingest(split_dataset, tmp_path / "artifacts")
+    expected = {"gray.jpg": "L converted", "alpha.png": "RGBA converted", "cmyk.jpg": "CMYK converted",
+                "rotated.jpg": "EXIF orientation 6"}
+    converted = {Path(item["path"]).name: item["converted"] for item in out.report["converted"]}
+    assert set(converted) == set(expected)
+    for name, note in expected.items():
+        assert note in converted[name]
+        row = out.by_path[str(folder / name)]
+        assert row["converted"] == converted[name] and (row["split"], row["label"]) == ("train", ETOILE)
+    rotated = out.by_path[str(folder / "rotated.jpg")]
+    assert (int(rotated["width"]), int(rotated["height"])) == (base.height, base.width)
+    assert out.counts[ETOILE]["train"] == 12
+    assert out.report["bad_images"] == []
+
+
+# -- warnings and errors ---------------------------------------------------------------------------
+
+def test_class_missing_from_val_is_warned_about(split_dataset, tmp_path):
+    shutil.rmtree(split_dataset / "val" / "red square")
+    out = ingest(split_dataset, tmp_path / "artifacts")
+    assert "red square" in out.classes
+    assert out.counts["red square"] == {"train": 8, "val": 0, "test": 3}
+    assert out.report["warnings"] == ["class 'red square' has no images in the val split"]
+
+
+def test_empty_class_folder_is_left_out_with_a_warning(split_dataset, tmp_path):
+    (split_dataset / "train" / "hexagon").mkdir()
+    (split_dataset / "val" / "hexagon").mkdir()
+    (split_dataset / "val" / "hexagon" / ".DS_Store").write_bytes(b"x")
+    out = ingest(split_dataset, tmp_path / "artifacts")
+    assert out.classes == sorted(CLASSES) and "hexagon" not in out.counts
+    assert out.report["warnings"] == ["class 'hexagon' has no training images and is left out (empty)"]
+
+
+def test_empty_class_folder_in_bare_layout_is_warned_about(class_dataset, tmp_path):
+    (class_dataset / "hexagon").mkdir()
+    out = ingest(class_dataset, tmp_path / "artifacts")
+    assert out.classes == sorted(CLASSES)
+    assert warnings_about(out, "class 'hexagon' has no training images and is left out (empty)")
+
+
+def test_class_only_in_val_is_dropped_with_a_warning(split_dataset, tmp_path):
+    write_images(split_dataset / "val" / "hexagon", "circle", 2, start=500)
+    out = ingest(split_dataset, tmp_path / "artifacts")
+    assert "hexagon" not in out.classes and not any(r["label"] == "hexagon" for r in out.index)
+    assert warnings_about(out, "class 'hexagon' has no training images and is left out (2 images")
+
+
+def test_same_image_in_train_and_test_is_leakage(split_dataset, tmp_path):
+    original = split_dataset / "train" / "circle" / "img_003.jpg"
+    copy = split_dataset / "test" / "circle" / "copy.jpg"
+    shutil.copyfile(original, copy)
+    artifacts = tmp_path / "artifacts"
+    out = ingest(split_dataset, artifacts)
+    leaks = warnings_about(out, "leakage")
+    assert len(leaks) == 1 and str(original) in leaks[0] and str(copy) in leaks[0]
+    assert "train" in leaks[0] and "test" in leaks[0]
+    manifest = json.loads(Catalog(artifacts).stage("ingest").manifest.read_text(encoding="utf-8"))
+    assert manifest["summary"]["leaks"] == 1
+
+
+def test_duplicate_within_one_split_is_not_leakage(split_dataset, tmp_path):
+    shutil.copyfile(split_dataset / "train" / "circle" / "img_003.jpg", split_dataset / "train" / "circle" / "b.jpg")
+    out = ingest(split_dataset, tmp_path / "artifacts")
+    assert not warnings_about(out, "leakage")
+    assert warnings_about(out, "1 image(s) appear more than once within one split")
+
+
+def test_small_class_gets_an_imbalance_warning(split_dataset, tmp_path):
+    for path in sorted((split_dataset / "train" / ETOILE).iterdir())[:5]:
+        path.unlink()  # 3 left, under half of 8
+    for path in sorted((split_dataset / "train" / "circle").iterdir())[:4]:
+        path.unlink()  # 4 left: exactly half is not a warning
+    out = ingest(split_dataset, tmp_path / "artifacts")
+    imbalance = warnings_about(out, "imbalance")
+    assert len(imbalance) == 1 and f"'{ETOILE}' has 3 training images" in imbalance[0] and "(8)" in imbalance[0]
+
+
+def test_one_class_is_an_error(tmp_path):
+    root = make_split_dataset(tmp_path / "one", counts={"train": 2, "val": 1}, splits=("train", "val"),
+                              classes=("circle",))
+    with pytest.raises(DataError, match="at least two") as excinfo:
+        runner_for(root, tmp_path / "artifacts").run(["ingest"])
+    assert str(root) in str(excinfo.value)
+
+
+def test_two_class_folders_but_one_empty_is_an_error(tmp_path):
+    root = make_class_dataset(tmp_path / "bare", count=3, classes=("circle",))
+    (root / "red square").mkdir()
+    with pytest.raises(DataError, match="1 class"):
+        runner_for(root, tmp_path / "artifacts").run(["ingest"])
+
+
+# -- splits ingest makes itself --------------------------------------------------------------------
+
+def test_bare_layout_is_split_by_hash(class_dataset, tmp_path):
+    out = ingest(class_dataset, tmp_path / "artifacts", val_ratio=0.2, test_ratio=0.2, seed=3)
+    assert out.report["layout"] == "classes"
+    assert len(out.report["notes"]) == 1 and "no split folders" in out.report["notes"][0]
+    assert out.classes == sorted(CLASSES) and len(out.index) == 60
+    for row in out.index:
+        assert row["split"] == assign_split(row["sha256"], 3, 0.2, 0.2)
+        assert row["label"] == Path(row["path"]).parent.name
+    totals = out.report["images"]
+    assert sum(totals.values()) == 60 and min(totals.values()) > 0
+    assert totals == {s: sum(1 for r in out.index if r["split"] == s) for s in SPLITS}
+
+
+def test_missing_test_folder_is_made_from_train(tmp_path):
+    root = make_split_dataset(tmp_path / "tv", counts={"train": 12, "val": 3}, splits=("train", "val"))
+    out = ingest(root, tmp_path / "artifacts", test_ratio=0.3)
+    assert len(out.report["notes"]) == 1 and "no test/ folder" in out.report["notes"][0]
+    rows = out.index
+    assert len(rows) == 45
+    val_folder = [r for r in rows if folder_split(r["path"], root) == "val"]
+    train_folder = [r for r in rows if folder_split(r["path"], root) == "train"]
+    assert len(val_folder) == 9 and all(r["split"] == "val" for r in val_folder)  # val images stay in val
+    for row in train_folder:
+        expected = "test" if assign_split(row["sha256"], 0, 0.0, 0.3) == "test" else "train"
+        assert row["split"] == expected
+    assert 0 < out.report["images"]["test"] < 36
+    assert out.report["images"] == {"train": 36 - out.report["images"]["test"], "val": 9,
+                                    "test": out.report["images"]["test"]}
+
+
+def test_adding_a_photo_keeps_every_split(class_dataset, tmp_path):
+    artifacts = tmp_path / "artifacts"
+    before = ingest(class_dataset, artifacts)
+    new = write_images(class_dataset / "circle", "circle", 1, start=900)[0]
+    after = ingest(class_dataset, artifacts)  # ingest() asserts the runner ran it again
+    assert len(after.index) == len(before.index) + 1 and str(new) in after.by_path
+    for path, row in before.by_path.items():
+        assert after.by_path[path]["split"] == row["split"]
+
+
+# -- sources, archives, caching --------------------------------------------------------------------
+
+def test_source_folder_is_never_modified(split_dataset, tmp_path):
+    folder = split_dataset / "train" / "circle"
+    plant_bad_images(folder)
+    (folder / ".DS_Store").write_bytes(b"x")
+    exif_jpeg(folder / "rotated.jpg", shape_image("circle", 5), 8)
+    shape_image("circle", 6).convert("RGBA").save(folder / "alpha.png")
+    before = snapshot(split_dataset)
+    ingest(split_dataset, tmp_path / "artifacts")
+    assert snapshot(split_dataset) == before
+
+
+def test_zip_archive_as_data_path(split_dataset, tmp_path):
+    archive = zip_folder(split_dataset, tmp_path / "shapes.zip")
+    artifacts = tmp_path / "artifacts"
+    out = ingest(archive, artifacts)
+    assert out.classes == sorted(CLASSES)
+    assert out.counts == {label: {"train": 8, "val": 3, "test": 3} for label in CLASSES}
+    sources = Catalog(artifacts).sources
+    assert Path(out.report["source"]).is_relative_to(sources)
+    assert all(Path(r["path"]).is_relative_to(sources) and Path(r["path"]).is_file() for r in out.index)
+    assert runner_for(archive, artifacts).run(["ingest"]) == []
+
+
+def test_unchanged_dataset_is_not_ingested_again(split_dataset, tmp_path):
+    runner = runner_for(split_dataset, tmp_path / "artifacts")
+    assert runner.run(["ingest"]) == ["ingest"]
+    assert runner.run(["ingest"]) == []
+    assert runner.freshness(BY_NAME["ingest"]).state == "fresh"
+    write_images(split_dataset / "val" / "circle", "circle", 1, start=700)
+    status = runner.freshness(BY_NAME["ingest"])
+    assert (status.state, status.reasons) == ("stale", ["inputs changed"])
+    assert runner.run(["ingest"]) == ["ingest"]
+    assert outputs(tmp_path / "artifacts").counts["circle"]["val"] == 4
+
+
+def test_nfd_folder_name_gives_nfc_label(tmp_path):
+    nfd = unicodedata.normalize("NFD", ETOILE)
+    assert nfd == "e\u0301toile" and nfd != ETOILE
+    root = make_split_dataset(tmp_path / "mac", counts={"train": 3, "val": 1, "test": 1},
+                              classes=("circle", "red square"))
+    for split, n in (("train", 3), ("val", 1), ("test", 1)):
+        write_images(root / split / nfd, ETOILE, n, start=300)
+    out = ingest(root, tmp_path / "artifacts")
+    assert out.classes == ["circle", "red square", ETOILE]
+    assert out.classes_text.encode("utf-8").count("\u00e9".encode("utf-8")) == 1
+    assert {r["label"] for r in out.index} == {"circle", "red square", ETOILE}
+    assert out.counts[ETOILE] == {"train": 3, "val": 1, "test": 1}

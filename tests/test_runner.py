@@ -1,0 +1,120 @@
+"""The runner: manifests, freshness, atomic stage folders, and interrupted stages never taken for fresh."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, SMOKE_CONFIG, base_args, invoke
+from pipeline import config, fileio
+from pipeline.runner import Runner
+from pipeline.stages import BY_NAME, STAGES, upstream_closure
+
+
+def snapshot(folder):
+    return {str(p.relative_to(folder)): fileio.sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def smoke_cfg(world, **sections):
+    raw = {"data": {"path": str(world["data"])}}
+    cfg = config.load(SMOKE_CONFIG, data=world["data"])
+    return cfg if not sections else config.from_dict({**_as_raw(cfg), **sections, **raw})
+
+
+def _as_raw(cfg):
+    return {name: cfg.section(name) for name in ("data", "ingest", "augment", "model", "train_head", "finetune",
+                                                  "evaluate", "export")}
+
+
+def test_registry_order_and_upstream():
+    names = [s.name for s in STAGES]
+    assert names == ["ingest", "augment", "train-head", "finetune", "evaluate", "export"]
+    for stage in STAGES:
+        for up in stage.upstream:
+            assert names.index(up) < names.index(stage.name)
+    assert [s.name for s in upstream_closure(["finetune"])] == names[:4]
+
+
+def test_failing_stage_leaves_previous_outputs_intact(world, tmp_path, monkeypatch):
+    artifacts = tmp_path / "artifacts"
+    shutil.copytree(world["artifacts"], artifacts)
+    before = snapshot(artifacts / "evaluate")
+    import pipeline.stages.evaluate as evaluate
+
+    def broken(ctx):
+        fileio.write_text(ctx.out.metrics, "{half written")
+        raise RuntimeError("killed mid-way")
+
+    monkeypatch.setattr(evaluate, "run", broken)
+    runner = Runner(smoke_cfg(world, evaluate={"worst_count": 2}), artifacts)
+    with pytest.raises(RuntimeError):
+        runner.run(["evaluate"])
+    assert snapshot(artifacts / "evaluate") == before
+    assert not any(p.name.startswith(".evaluate") for p in artifacts.iterdir())
+    status = runner.freshness(BY_NAME["evaluate"])
+    assert status.state == "stale" and status.reasons == ["config changed"]
+
+
+def test_killed_stage_is_not_fresh_afterwards(world, tmp_path):
+    artifacts = tmp_path / "artifacts"
+    shutil.copytree(world["artifacts"], artifacts)
+    before = snapshot(artifacts / "evaluate")
+    changed = tmp_path / "smoke.yaml"
+    changed.write_text(SMOKE_CONFIG.read_text().replace("worst_count: 4", "worst_count: 3"))
+    args = base_args(world, artifacts, changed)
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args, "evaluate"], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    scratch = artifacts / ".evaluate.tmp"
+    deadline = time.monotonic() + 120
+    while not scratch.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert scratch.exists(), "the stage never started"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert snapshot(artifacts / "evaluate") == before  # the old outputs are untouched
+    status = invoke(*args, "status").stdout
+    line = next(line for line in status.splitlines() if line.startswith("evaluate"))
+    assert line.split()[1] == "stale" and "config changed" in line
+    result = invoke(*args, "evaluate")  # the next run cleans up and completes
+    assert "evaluate   done" in result.stderr
+    assert not scratch.exists()
+
+
+def test_corrupt_manifest_is_a_cache_miss(world, tmp_path):
+    artifacts = tmp_path / "artifacts"
+    shutil.copytree(world["artifacts"], artifacts)
+    (artifacts / "export" / "manifest.json").write_text("{not json")
+    runner = Runner(smoke_cfg(world), artifacts)
+    assert runner.freshness(BY_NAME["export"]).state == "never run"
+    assert runner.freshness(BY_NAME["evaluate"]).state == "fresh"
+
+
+def test_modified_output_is_detected(world, tmp_path):
+    artifacts = tmp_path / "artifacts"
+    shutil.copytree(world["artifacts"], artifacts)
+    with open(artifacts / "ingest" / "classes.txt", "a", encoding="utf-8") as f:
+        f.write("extra\n")
+    runner = Runner(smoke_cfg(world), artifacts)
+    assert runner.freshness(BY_NAME["ingest"]).reasons == ["output classes.txt modified"]
+
+
+def test_resolved_config_written_beside_outputs(world):
+    import yaml
+
+    resolved = yaml.safe_load((world["artifacts"] / "finetune" / "config.yaml").read_text())
+    assert set(resolved) == {"model", "finetune"}
+    assert resolved["finetune"]["unfreeze_from"] == 12
+
+
+def test_atomic_write_keeps_old_file_on_error(tmp_path):
+    path = tmp_path / "f.txt"
+    fileio.write_text(path, "old")
+    with pytest.raises(ZeroDivisionError):
+        with fileio.atomic_path(path) as tmp:
+            tmp.write_text("new, half")
+            1 / 0
+    assert path.read_text() == "old"
+    assert os.listdir(tmp_path) == ["f.txt"]
