@@ -100,3 +100,34 @@ def split_batches(ingest_files, augment_files, split, size, batch_size, augment=
     generator = make_generator(read_json(augment_files.settings), augment)
     return ImageBatches(read_index(ingest_files, split), read_classes(ingest_files), size, generator,
                         batch_size, augment=augment, shuffle=shuffle, flip=flip, seed=seed)
+
+
+def view_specs(flip_view, augmented_views):
+    """The fixed views of each training image that cached training uses: (name, ImageBatches options)."""
+    views = [("original", {})]
+    if flip_view:
+        views.append(("mirrored", {"flip": True}))
+    views += [(f"augmented view {k + 1}", {"augment": True}) for k in range(augmented_views)]
+    return views
+
+
+def predict_views(model, ingest_files, augment_files, size, batch_size, views, seed, dtype="float32"):
+    """`model`'s outputs for every view of every training image, concatenated, with their class indices.
+
+    Each augmented view draws its own random transforms (seeded by `seed` and its position).
+    """
+    import logging
+    import time
+
+    log = logging.getLogger("pipeline.augmentation")
+    outputs, labels = [], []
+    for k, (name, options) in enumerate(views):
+        batches = split_batches(ingest_files, augment_files, "train", size, batch_size, seed=seed * 1000 + k,
+                                **options)
+        t0 = time.monotonic()
+        outputs.append(model.predict(batches, verbose=0).astype(dtype))
+        seconds = time.monotonic() - t0
+        log.info("computed %s of %d training images in %.0fs (%.1f images/s)", name, len(outputs[-1]), seconds,
+                 len(outputs[-1]) / max(seconds, 1e-9))
+        labels.append(batches.labels)
+    return np.concatenate(outputs), np.concatenate(labels)

@@ -3,9 +3,6 @@ from __future__ import annotations
 
 from pipeline.backbones import build_base
 
-HEAD_LAYERS = ("pool", "dropout", "logits", "probabilities")
-
-
 def _head_layers(model_cfg, n_classes):
     import tf_keras as keras
 
@@ -47,15 +44,35 @@ def feature_extractor(classifier):
     return keras.Model(classifier.input, classifier.get_layer("pool").output, name="features")
 
 
+def split_at_block(classifier, block):
+    """Split a classifier at MobileNet block `block`: (frozen part, the rest as a model sharing its layers).
+
+    The rest takes the frozen part's output; training it trains the classifier's own layers.
+    """
+    import tf_keras as keras
+
+    from pipeline.backbones import block_start_layer
+
+    base = backbone_of(classifier)
+    start = block_start_layer(base, block)
+    lower = keras.Model(base.input, base.layers[start - 1].output, name="frozen_blocks")
+    inputs = keras.Input(lower.output_shape[1:], name="activations")
+    x = inputs
+    for layer in base.layers[start:]:  # MobileNet v1 is a plain chain of layers
+        x = layer(x)
+    for name in ("pool", "dropout", "logits", "probabilities"):
+        x = classifier.get_layer(name)(x)
+    return lower, keras.Model(inputs, x, name="upper_blocks")
+
+
 def backbone_of(classifier):
     """The nested backbone model inside a classifier."""
     return classifier.layers[1]
 
 
 def copy_head(head, classifier):
-    """Copy trained head weights into the classifier's head layers."""
-    for name in ("logits",):
-        classifier.get_layer(name).set_weights(head.get_layer(name).get_weights())
+    """Copy trained head weights into the classifier's head (its Dense layer holds all of them)."""
+    classifier.get_layer("logits").set_weights(head.get_layer("logits").get_weights())
 
 
 def load(path):

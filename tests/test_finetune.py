@@ -1,0 +1,51 @@
+"""Fine-tuning: which layers unfreeze, and the live and cached input paths on the smoke world."""
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import SMOKE_CONFIG
+from pipeline import config, models
+from pipeline.errors import ConfigError
+from pipeline.runner import Runner
+from pipeline.stages.finetune import unfreeze
+
+
+@pytest.mark.parametrize("block, freeze_bn", [(0, False), (7, True), (12, False)])
+def test_unfreeze(block, freeze_bn):
+    import tf_keras as keras
+
+    model = models.build_classifier(config.ModelConfig(alpha=0.25, image_size=32, weights=None), 3)
+    unfreeze(model, block, freeze_bn)
+    base = models.backbone_of(model)
+    names = [layer.name for layer in base.layers if layer.trainable and layer.weights]
+    first = "conv1" if block == 0 else f"conv_dw_{block}" if block != 12 else "conv_dw_12"
+    assert names[0] == first
+    assert "conv_pw_13" in names
+    bn_trainable = [layer.trainable for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert any(bn_trainable) != freeze_bn
+
+
+def test_cached_inputs_need_a_frozen_lower_part():
+    with pytest.raises(ConfigError, match="finetune.unfreeze_from"):
+        config.from_dict({"finetune": {"inputs": "cached", "unfreeze_from": 0, "freeze_batchnorm": True}})
+    with pytest.raises(ConfigError, match="finetune.freeze_batchnorm"):
+        config.from_dict({"finetune": {"inputs": "cached", "unfreeze_from": 7, "freeze_batchnorm": False}})
+
+
+@pytest.mark.parametrize("inputs", ["live", "cached"])
+def test_finetune_trains_only_the_unfrozen_blocks(world, tmp_path, inputs):
+    artifacts = tmp_path / "artifacts"
+    shutil.copytree(world["artifacts"], artifacts)
+    raw = {name: config.load(SMOKE_CONFIG).section(name) for name in ("ingest", "augment", "model", "train_head", "evaluate")}
+    raw["data"] = {"path": str(world["data"])}
+    raw["finetune"] = {"epochs": 1, "batch_size": 4, "learning_rate": 0.01, "unfreeze_from": 12,
+                       "freeze_batchnorm": True, "inputs": inputs, "augmented_views": 1}
+    ran = Runner(config.from_dict(raw), artifacts).run(["finetune"])
+    assert ran == ["finetune"]
+    before = models.backbone_of(models.load(artifacts / "train-head" / "model.h5"))
+    after = models.backbone_of(models.load(artifacts / "finetune" / "model.h5"))
+    changed = {layer.name for layer, old in zip(after.layers, before.layers)
+               if any(not np.array_equal(a, b) for a, b in zip(layer.get_weights(), old.get_weights()))}
+    assert "conv_pw_13" in changed
+    assert not {"conv1", "conv_pw_11", "conv_dw_12_bn", "conv_pw_13_bn"} & changed
