@@ -5,7 +5,6 @@ Runs the pipeline's own ingest and augment stages (into OUT_DIR/artifacts), then
 features per view, streaming batches through the same ImageBatches the pipeline trains on.
 """
 import json
-import os
 import sys
 import time
 from pathlib import Path

@@ -119,13 +119,15 @@ def predict_views(model, ingest_files, augment_files, size, batch_size, views, s
     import logging
     import time
 
+    from pipeline.training import keras_verbose
+
     log = logging.getLogger("pipeline.augmentation")
     outputs, labels = [], []
     for k, (name, options) in enumerate(views):
         batches = split_batches(ingest_files, augment_files, "train", size, batch_size, seed=seed * 1000 + k,
                                 **options)
         t0 = time.monotonic()
-        outputs.append(model.predict(batches, verbose=0).astype(dtype))
+        outputs.append(model.predict(batches, verbose=keras_verbose(predict=True)).astype(dtype))
         seconds = time.monotonic() - t0
         log.info("computed %s of %d training images in %.0fs (%.1f images/s)", name, len(outputs[-1]), seconds,
                  len(outputs[-1]) / max(seconds, 1e-9))

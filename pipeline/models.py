@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pipeline.backbones import build_base
 
+
 def _head_layers(model_cfg, n_classes):
     import tf_keras as keras
 

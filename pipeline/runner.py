@@ -9,7 +9,6 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 
 import yaml
 
@@ -112,7 +111,7 @@ class Runner:
                 continue
             why = "forced" if forced else ", ".join(status.reasons)
             log.info("%-10s running (%s)", stage.name, why)
-            self._run_stage(stage, self.key(stage))
+            self._run_stage(stage, status.key)
             ran.append(stage.name)
         return ran
 

@@ -41,6 +41,13 @@ def _callbacks():
     return keras, TimeBudget, LearningRate
 
 
+def keras_verbose(predict=False):
+    """Keras's verbosity: progress bars on a terminal; in a log, a line per epoch (fit) or none (predict)."""
+    if sys.stderr.isatty():
+        return 1
+    return 0 if predict else 2
+
+
 def fit(model, train, validation, section, files, learning_rate, reduce_lr=False, **fit_kwargs):
     """Compile and fit `model`; keep the best epoch by validation accuracy; write history and curves.
 
@@ -68,7 +75,7 @@ def fit(model, train, validation, section, files, learning_rate, reduce_lr=False
     t0 = time.monotonic()
     history = model.fit(x, y, validation_data=validation, epochs=section.epochs,
                         batch_size=section.batch_size if y is not None else None, callbacks=callbacks,
-                        verbose=1 if sys.stderr.isatty() else 2, **fit_kwargs)
+                        verbose=keras_verbose(), **fit_kwargs)
     seconds = time.monotonic() - t0
     model.load_weights(str(files.checkpoint))  # the best epoch, whatever stopped training
     files.checkpoint.unlink()

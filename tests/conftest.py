@@ -131,3 +131,28 @@ def snapshot(folder):
     """Every file and folder under `folder` with its size and mtime, to show that nothing changed it."""
     return {str(p.relative_to(folder)): (p.is_dir(), p.stat().st_size if p.is_file() else None, p.stat().st_mtime_ns)
             for p in sorted(folder.rglob("*"))}
+
+
+@pytest.fixture(scope="session")
+def calibrated_weights_dir(tmp_path_factory):
+    """A stand-in for Keras's ImageNet file of MobileNet alpha 0.25 whose network does not collapse.
+
+    A randomly initialised MobileNet maps every image to nearly the same features (its BatchNorm statistics
+    do not match its activations), so nothing can be learnt from it. Setting each BatchNorm's statistics to
+    those of its input on real images fixes that; the file is saved under Keras's own name, so the pipeline
+    loads it through its real weight-loading code.
+    """
+    import tf_keras as keras
+
+    folder = tmp_path_factory.mktemp("weights")
+    keras.utils.set_random_seed(0)
+    base = keras.applications.MobileNet(input_shape=(32, 32, 3), alpha=0.25, include_top=False, weights=None)
+    images = np.stack([np.asarray(shape_image(label, seed, 40).resize((32, 32)), dtype=np.float32)
+                       for label in CLASSES for seed in range(8)]) / 127.5 - 1
+    for layer in base.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            inputs = keras.Model(base.input, layer.input).predict(images, verbose=0)
+            gamma, beta = layer.get_weights()[:2]
+            layer.set_weights([gamma, beta, inputs.mean(axis=(0, 1, 2)), inputs.var(axis=(0, 1, 2)) + 1e-3])
+    base.save_weights(str(folder / "mobilenet_2_5_224_tf_no_top.h5"))
+    return folder

@@ -3,10 +3,9 @@ import json
 import re
 import shutil
 
-import pytest
 from click.testing import CliRunner
-
 from conftest import SMOKE_CONFIG, base_args, invoke, ran
+
 from pipeline.cli import cli
 from pipeline.exporters import coreml
 

@@ -8,8 +8,8 @@ import zipfile
 from collections import Counter
 
 import pytest
-
 from conftest import CLASSES, make_class_dataset, make_split_dataset, write_images, zip_folder
+
 from pipeline import dataset
 from pipeline.dataset import assign_split, detect_layout, unpack_archive
 from pipeline.errors import DataError

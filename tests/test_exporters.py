@@ -4,7 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.exporters import FORMATS, ExportMeta, coreml, onnx as onnx_export, tflite
+from pipeline.exporters import FORMATS, ExportMeta, coreml, tflite
+from pipeline.exporters import onnx as onnx_export
 
 LABELS = ["circle", "red square", "étoile"]  # blue, red, yellow: sorted as classes.txt sorts them
 PROTOTYPES = np.array([[0, 0, 255], [255, 0, 0], [255, 255, 0]], dtype=np.float32)  # RGB 0-255

@@ -5,9 +5,9 @@ import io
 
 import numpy as np
 import pytest
+from conftest import exif_jpeg, shape_image
 from PIL import Image
 
-from conftest import exif_jpeg, shape_image
 from pipeline.images import BadImage, ImageInfo, inspect_bytes, is_image_name, load_array, load_rgb, to_rgb
 
 BIG = 50_000_000

@@ -10,10 +10,18 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import (
+    CLASSES,
+    exif_jpeg,
+    make_class_dataset,
+    make_split_dataset,
+    shape_image,
+    snapshot,
+    write_images,
+    zip_folder,
+)
 from PIL import Image
 
-from conftest import (CLASSES, exif_jpeg, make_class_dataset, make_split_dataset, shape_image, snapshot,
-                      write_images, zip_folder)
 from pipeline.catalog import Catalog
 from pipeline.config import from_dict
 from pipeline.dataset import SPLITS, assign_split

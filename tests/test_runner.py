@@ -7,8 +7,8 @@ import sys
 import time
 
 import pytest
-
 from conftest import REPO, SMOKE_CONFIG, base_args, invoke
+
 from pipeline import config, fileio
 from pipeline.runner import Runner
 from pipeline.stages import BY_NAME, STAGES, upstream_closure

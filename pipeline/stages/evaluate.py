@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 
 import numpy as np
 
@@ -11,12 +12,16 @@ from pipeline.augmentation import split_batches
 from pipeline.images import load_array
 from pipeline.report import plot_confusion, plot_grid
 from pipeline.stages.ingest import read_classes, read_index
+from pipeline.training import keras_verbose
+
+log = logging.getLogger("pipeline.evaluate")
 
 
 def predict(model, ingest_files, augment_files, split, size, batch_size, flip=False):
     """Class probabilities of every image of a split, in index order."""
     batches = split_batches(ingest_files, augment_files, split, size, batch_size, flip=flip)
-    return model.predict(batches, verbose=0)
+    log.info("predicting %d %s images%s", len(batches.paths), split, " (mirrored)" if flip else "")
+    return model.predict(batches, verbose=keras_verbose(predict=True))
 
 
 def metrics(labels, probabilities, classes):
@@ -92,7 +97,7 @@ def _report(ctx, result, classes, rows, worst, probs, predicted):
     if "tta_flip" in result:
         lines.append(f"- Accuracy with horizontal-flip TTA: **{result['tta_flip']['accuracy']:.4f}**")
     lines += [f"- Macro F1: {result['macro_f1']:.4f}; weighted F1: {result['weighted_f1']:.4f}",
-              f"- Weakest classes (F1): " + ", ".join(
+              "- Weakest classes (F1): " + ", ".join(
                   f"{c} ({result['per_class'][c]['f1-score']:.2f})" for c in result["weakest_classes"]), "",
               "## Per class", "", "| class | precision | recall | F1 | images |", "|---|---|---|---|---|"]
     for c in classes:

@@ -10,6 +10,7 @@ from pipeline.backbones import block_start_layer
 from pipeline.fileio import write_json
 from pipeline.stages.ingest import read_classes, read_index
 from pipeline.stages.train_head import check_batch_size
+from pipeline.training import keras_verbose
 
 log = logging.getLogger("pipeline.finetune")
 
@@ -36,7 +37,7 @@ def _fit_cached(ctx, model):
     # float16 halves the memory of the cached activations; the network upcasts them on input.
     x, y = predict_views(lower, ingest, augment, size, section.batch_size, views, section.seed, dtype="float16")
     val = split_batches(ingest, augment, "val", size, section.batch_size)
-    val_x = lower.predict(val, verbose=0).astype("float16")
+    val_x = lower.predict(val, verbose=keras_verbose(predict=True)).astype("float16")
     log.info("cached %d activations of shape %s (%.2f GB)", len(x), x.shape[1:], (x.nbytes + val_x.nbytes) / 1e9)
     return training.fit(upper, (x, one_hot(y, n_classes)), (val_x, one_hot(val.labels, n_classes)), section,
                         ctx.out, section.learning_rate, reduce_lr=True, shuffle=True)

@@ -30,7 +30,7 @@ def run(ctx):
         extractor = models.feature_extractor(model)
         views = view_specs(section.flip_view, section.augmented_views)
         x, y = predict_views(extractor, ingest, augment, size, batch, views, section.seed)
-        val_x = extractor.predict(val, verbose=0)
+        val_x = extractor.predict(val, verbose=training.keras_verbose(predict=True))
         head = models.build_head(cfg.model, len(classes), x.shape[1])
         summary = training.fit(head, (x, one_hot(y, len(classes))), (val_x, one_hot(val.labels, len(classes))),
                                section, out, section.learning_rate, shuffle=True)
