@@ -79,6 +79,9 @@ def _execute(ctx, results, **_):
     except PipelineError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("interrupted: the running stage was not saved; its previous outputs are untouched", err=True)
+        sys.exit(130)
 
 
 def format_status(rows):

@@ -6,6 +6,7 @@ wrong types and impossible values with a message naming the key, the value and w
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,8 +139,6 @@ class TrainHeadConfig:
 
     def validate(self):
         _validate_training("train_head", self)
-        _check("train_head.augmented_views", self.augmented_views, 0 <= self.augmented_views <= 50,
-               "an integer in [0, 50]")
 
 
 @dataclass(frozen=True)
@@ -177,8 +176,6 @@ class FinetuneConfig:
     def validate(self):
         _validate_training("finetune", self, allow_zero_epochs=True)
         _check("finetune.unfreeze_from", self.unfreeze_from, 0 <= self.unfreeze_from <= 13, "an integer in [0, 13]")
-        _check("finetune.augmented_views", self.augmented_views, 0 <= self.augmented_views <= 50,
-               "an integer in [0, 50]")
         if self.inputs == "cached":
             _check("finetune.unfreeze_from", self.unfreeze_from, self.unfreeze_from >= 1,
                    "a block 1-13 with finetune.inputs: cached (the blocks below it must stay frozen)")
@@ -272,13 +269,14 @@ def _validate_training(section, cfg, allow_zero_epochs=False):
     _check(f"{section}.patience", cfg.patience, cfg.patience >= 0, "an integer >= 0")
     _check(f"{section}.max_minutes", cfg.max_minutes, cfg.max_minutes is None or cfg.max_minutes > 0,
            "a positive number or null")
+    _check(f"{section}.augmented_views", cfg.augmented_views, 0 <= cfg.augmented_views <= 50, "an integer in [0, 50]")
 
 
 def _type_ok(value, hint):
     origin = typing.get_origin(hint)
     if origin is typing.Literal:
         return value in typing.get_args(hint)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         return any(_type_ok(value, h) for h in typing.get_args(hint))
     if origin is list:
         (item,) = typing.get_args(hint)
@@ -296,7 +294,7 @@ def _describe(hint):
     origin = typing.get_origin(hint)
     if origin is typing.Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         return " or ".join(_describe(h) for h in typing.get_args(hint))
     if origin is list:
         return f"a list of {_describe(typing.get_args(hint)[0])}"

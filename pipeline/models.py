@@ -76,6 +76,22 @@ def copy_head(head, classifier):
     classifier.get_layer("logits").set_weights(head.get_layer("logits").get_weights())
 
 
+def save(model, path):
+    """Save a classifier as a Keras HDF5 file (the format coremltools, tf2onnx and older tools all read)."""
+    import logging
+    import warnings
+
+    tf_logger = logging.getLogger("tensorflow")  # "compiled metrics have yet to be built": harmless here
+    level = tf_logger.level
+    tf_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*HDF5 file.*legacy")
+            model.save(str(path))
+    finally:
+        tf_logger.setLevel(level)
+
+
 def load(path):
     """Load a saved classifier (without its training configuration)."""
     import tf_keras as keras

@@ -146,3 +146,24 @@ def test_help_explains_each_stage():
         result = invoke(stage, "--help")
         assert result.exit_code == 0 and len(result.stdout) > 40
     assert "--force" in invoke("--help").stdout
+
+
+def test_interrupt_is_reported_and_leaves_the_cache_intact(world, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import pipeline.stages.evaluate as evaluate
+    from pipeline.cli import cli
+
+    artifacts = tmp_path / "artifacts"
+    shutil.copytree(world["artifacts"], artifacts)
+    before = (artifacts / "evaluate" / "metrics.json").read_bytes()
+
+    def interrupted(ctx):
+        (ctx.out.root / "metrics.json").write_text("{partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "run", interrupted)
+    result = CliRunner().invoke(cli, base_args(world, artifacts) + ["--force", "evaluate"])
+    assert result.exit_code == 130
+    assert "interrupted" in result.stderr
+    assert (artifacts / "evaluate" / "metrics.json").read_bytes() == before

@@ -52,6 +52,8 @@ def test_data_override(tmp_path):
     ({"export": {"formats": ["coreml", "pdf"]}}, ["export.formats", "pdf", "onnx"]),
     ({"augment": {"horizontal_flip": "yes"}}, ["augment.horizontal_flip", "true/false"]),
     ({"model": "big"}, ["model", "mapping"]),
+    ({"train_head": {"augmented_views": -1}}, ["train_head.augmented_views", "-1", "[0, 50]"]),
+    ({"finetune": {"augmented_views": 99}}, ["finetune.augmented_views", "99", "[0, 50]"]),
 ])
 def test_validation_errors_name_key_value_and_allowed(raw, words):
     with pytest.raises(ConfigError) as err:

@@ -66,7 +66,7 @@ def run(ctx):
                               seed=section.seed)
         val = split_batches(ingest, augment, "val", size, section.batch_size)
         summary = training.fit(model, train, val, section, out, section.learning_rate, reduce_lr=True)
-    model.save(str(out.model))
+    models.save(model, out.model)
     return {"message": f"fine-tuned {where} ({section.inputs} inputs): best val accuracy "
                        f"{summary['val_accuracy']:.3f} at epoch {summary['best_epoch']}/{summary['epochs_run']}",
             **summary}

@@ -79,7 +79,8 @@ def _scan_folder(folder, label, split, cfg, ignored, bad):
         try:
             size = path.stat().st_size
             if size > cfg.ingest.max_file_mb * 1e6:
-                raise BadImage(f"absurdly large file: {size / 1e6:.0f} MB (ingest.max_file_mb is {cfg.ingest.max_file_mb})")
+                raise BadImage(f"absurdly large file: {size / 1e6:.0f} MB "
+                               f"(ingest.max_file_mb is {cfg.ingest.max_file_mb})")
             data = path.read_bytes()
             info = inspect_bytes(data, cfg.ingest.max_image_pixels)
         except BadImage as exc:
@@ -90,7 +91,8 @@ def _scan_folder(folder, label, split, cfg, ignored, bad):
             log.warning("skipping bad image %s: %s", path, exc)
             continue
         rows.append({"split": split, "label": label, "path": str(path), "width": info.width,
-                     "height": info.height, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "converted": info.converted})
+                     "height": info.height, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                     "converted": info.converted})
     return rows
 
 

@@ -36,6 +36,6 @@ def run(ctx):
                                section, out, section.learning_rate, shuffle=True)
         models.copy_head(head, model)
         how = f"cached features of {len(views)} view(s) of each training image"
-    model.save(str(out.model))
+    models.save(model, out.model)
     return {"message": f"head trained on {how}: best val accuracy {summary['val_accuracy']:.3f} at epoch "
                        f"{summary['best_epoch']}/{summary['epochs_run']}", **summary}
