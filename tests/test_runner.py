@@ -118,3 +118,12 @@ def test_atomic_write_keeps_old_file_on_error(tmp_path):
             1 / 0
     assert path.read_text() == "old"
     assert os.listdir(tmp_path) == ["f.txt"]
+
+
+def test_atomic_writes_get_normal_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        fileio.write_text(tmp_path / "f.txt", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o644
