@@ -9,6 +9,7 @@ import numpy as np
 
 from pipeline import fileio, models
 from pipeline.augmentation import split_batches
+from pipeline.errors import DataError
 from pipeline.images import load_array
 from pipeline.report import plot_confusion, plot_grid
 from pipeline.stages.ingest import read_classes, read_index
@@ -48,7 +49,8 @@ def run(ctx):
     classes = read_classes(ingest)
     rows = read_index(ingest, "test")
     if not rows:
-        raise ValueError("the test split is empty")
+        raise DataError(f"the test split in {ingest.index} is empty: add images to the dataset's test/ folder, "
+                        "or remove test/ so that ingest takes ingest.test_ratio of the training images")
     model = models.load(ctx.inputs["finetune"].model)
     size, batch = cfg.model.image_size, cfg.evaluate.batch_size
     augment = ctx.inputs["augment"]
