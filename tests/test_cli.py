@@ -50,6 +50,7 @@ def test_coreml_spec_field_by_field(world):
     for key in ("backbone", "image_size", "test_accuracy", "dataset", "training"):
         assert user[key], key
     assert user["image_size"] == "32"
+    assert user["dataset"].startswith("shapes (") and "/" not in user["dataset"]
     metrics = json.loads((world["artifacts"] / "evaluate" / "metrics.json").read_text())
     assert user["test_accuracy"] == f"{metrics['accuracy']:.4f}"
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -27,7 +28,8 @@ def export_meta(cfg, classes, metrics, ingest_report):
               "image_size": cfg.model.image_size,
               "test_accuracy": f"{metrics['accuracy']:.4f}",
               "test_images": metrics["test_images"],
-              "dataset": f"{ingest_report['source']} ({ingest_report['images']})",
+              # the folder's name, not its path: a shipped model should not carry the developer's file system
+              "dataset": f"{Path(ingest_report['source']).name} ({ingest_report['images']})",
               "training": f"head {cfg.train_head.features} features, lr {cfg.train_head.learning_rate}; "
                           f"finetune {cfg.finetune.epochs} epochs from block {cfg.finetune.unfreeze_from}, "
                           f"lr {cfg.finetune.learning_rate}",
