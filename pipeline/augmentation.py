@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+import time
 
 import numpy as np
 
@@ -10,6 +12,8 @@ from pipeline.backbones import BACKBONES
 from pipeline.images import load_array
 
 PREPROCESS_KEY = "preprocessing_function"
+
+log = logging.getLogger("pipeline.augmentation")
 
 
 def generator_settings(aug_cfg, backbone_name):
@@ -116,12 +120,10 @@ def predict_views(model, ingest_files, augment_files, size, batch_size, views, s
 
     Each augmented view draws its own random transforms (seeded by `seed` and its position).
     """
-    import logging
-    import time
+    from pipeline.training import (
+        keras_verbose,  # training imports plotting; keep it off this module's import
+    )
 
-    from pipeline.training import keras_verbose
-
-    log = logging.getLogger("pipeline.augmentation")
     outputs, labels = [], []
     for k, (name, options) in enumerate(views):
         batches = split_batches(ingest_files, augment_files, "train", size, batch_size, seed=seed * 1000 + k,

@@ -19,9 +19,6 @@ class StageFiles:
     def __init__(self, root):
         self.root = Path(root)
 
-    def __truediv__(self, name):
-        return self.root / name
-
     @property
     def manifest(self):
         return self.root / MANIFEST

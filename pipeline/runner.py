@@ -14,7 +14,7 @@ import yaml
 
 from pipeline import fileio
 from pipeline.catalog import MANIFEST, Catalog
-from pipeline.stages import BY_NAME, STAGES, upstream_closure
+from pipeline.stages import STAGES, upstream_closure
 
 log = logging.getLogger("pipeline")
 
@@ -183,9 +183,4 @@ def _duration(seconds):
 def stage_names():
     """The names of all stages, in pipeline order."""
     return [s.name for s in STAGES]
-
-
-def describe(name):
-    """A stage's one-line help."""
-    return BY_NAME[name].help
 
