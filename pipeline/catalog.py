@@ -65,10 +65,11 @@ class EvaluateFiles(StageFiles):
 
 
 class ExportFiles(StageFiles):
-    """export: one file per format (named by the export config), the labels and the check results."""
+    """export: one file per format (named by the export config), the labels, the checks and the parity table."""
 
     labels = property(lambda self: self.root / "labels.txt")
     checks = property(lambda self: self.root / "export.json")
+    parity = property(lambda self: self.root / "parity.md")
 
     def model(self, name, suffix):
         """The exported model file of one format."""

@@ -1,4 +1,4 @@
-"""The Click command line: one subcommand per stage, plus `all` and `status`; subcommands chain."""
+"""The Click command line: one subcommand per stage, plus `all`, `status`, `verify` and `predict`; they chain."""
 from __future__ import annotations
 
 import logging
@@ -7,8 +7,14 @@ import sys
 import click
 
 from pipeline import config as config_module
+from pipeline import predict
 from pipeline.backbones import WEIGHTS_DIR_ENV
-from pipeline.errors import PipelineError
+from pipeline.catalog import Catalog
+from pipeline.errors import ExportError, PipelineError
+from pipeline.exporters import FORMATS
+from pipeline.parity import blocking_failures, table
+from pipeline.predict import RUNNABLE
+from pipeline.stages import export as export_stage
 from pipeline.runner import Runner, stage_names
 from pipeline.stages import STAGES
 
@@ -63,6 +69,33 @@ def status_command():
     return ("status", [])
 
 
+@cli.command(name="verify")
+def verify_command():
+    """Measure the exported files in --artifacts against the Keras model on the test split (the parity table).
+
+    Exits 1 if an fp32 export disagrees with Keras beyond the export thresholds or a file's interface is wrong.
+    """
+    return ("verify", [])
+
+
+class _OptionsAfterArguments(click.Command):
+    """A subcommand of the chained group whose options may follow its argument (`predict photo.jpg --top-k 5`)."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        extra["allow_interspersed_args"] = True  # chained groups turn this off for every subcommand
+        return super().make_context(info_name, args, parent, **extra)
+
+
+@cli.command(name="predict", cls=_OptionsAfterArguments)
+@click.argument("path", type=click.Path())
+@click.option("--format", "format_name", type=click.Choice(RUNNABLE), default="coreml", show_default=True,
+              help="Which exported file answers (Core ML runs in the NumPy checker on Linux).")
+@click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True, help="Labels shown per image.")
+def predict_command(path, format_name, top_k):
+    """Print the top labels of an image, or of every image in a folder, from one exported file."""
+    return ("predict", [dict(path=path, format_name=format_name, top_k=top_k)])
+
+
 @cli.result_callback()
 @click.pass_context
 def _execute(ctx, results, **_):
@@ -76,12 +109,34 @@ def _execute(ctx, results, **_):
             runner.run(targets, force=set(targets) if opts["force"] else set())
         if any(kind == "status" for kind, _ in results):
             click.echo(format_status(runner.status()))
+        for kind, items in results:
+            if kind == "verify":
+                _verify(cfg, opts["artifacts"])
+            for item in items if kind == "predict" else []:
+                predictor = predict.load_predictor(item["format_name"], cfg, opts["artifacts"])
+                results_ = predict.top_labels(predictor, predict.image_files(item["path"]), item["top_k"])
+                click.echo(predict.format_results(results_))
     except PipelineError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         click.echo("interrupted: the running stage was not saved; its previous outputs are untouched", err=True)
         sys.exit(130)
+
+
+def _verify(cfg, artifacts):
+    catalog = Catalog(artifacts)
+    export = catalog.stage("export")
+    files = {name: export.model(cfg.export.name, FORMATS[name].suffix) for name in cfg.export.formats}
+    missing = [str(path) for path in files.values() if not path.exists()]
+    if missing:
+        raise PipelineError(f"no exported file {', '.join(missing)}: run `python -m pipeline export` first")
+    inputs = {name: catalog.stage(name) for name in ("ingest", "finetune", "evaluate")}
+    rows = export_stage.parity(cfg, inputs, files)
+    click.echo(table(rows), nl=False)
+    failed = blocking_failures(rows)
+    if failed:
+        raise ExportError("; ".join(f"{r['title']}: {r['verdict']}" for r in failed))
 
 
 def format_status(rows):

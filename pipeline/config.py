@@ -203,18 +203,27 @@ class EvaluateConfig:
         _check("evaluate.batch_size", self.batch_size, self.batch_size >= 1, "a positive integer")
 
 
+def _all_formats():
+    from pipeline.exporters import FORMATS
+
+    return FORMATS
+
+
 @dataclass(frozen=True)
 class ExportConfig:
     """The exported models and what they say about themselves.
 
     formats: any of the names in pipeline.exporters.FORMATS.
     check_images: how many test images each export is checked on against Keras; null = all.
-    max_probability_difference: the largest class-probability difference from Keras an export may show.
-    min_top1_agreement: the smallest fraction of checked images whose top-1 class must equal Keras's.
+    max_probability_difference: the largest class-probability difference from Keras an fp32 export may show.
+    min_top1_agreement: the smallest fraction of checked images whose top-1 class must equal Keras's (fp32).
+    reduced_min_top1_agreement, reduced_max_accuracy_drop: the same for fp16/int8 variants (the drop in test
+        accuracy as a fraction, 0.005 = half a point); a variant that misses them is marked failed, not fatal.
+    latency_images: how many single-image calls the mean latency of each runtime is measured over.
     """
 
     name: str = "MultiSnacks"
-    formats: list[str] = field(default_factory=lambda: ["coreml", "onnx", "tflite"])
+    formats: list[str] = field(default_factory=lambda: list(_all_formats()))
     author: str = "MultiSnacks"
     license: str = "Model: MIT. Training images: CC BY 2.0 (see the dataset's credits)."
     description: str = "Classifies a photo of a snack into one of the dataset's classes."
@@ -222,6 +231,9 @@ class ExportConfig:
     check_images: int | None = None
     max_probability_difference: float = 1e-4
     min_top1_agreement: float = 1.0
+    reduced_min_top1_agreement: float = 0.99
+    reduced_max_accuracy_drop: float = 0.005
+    latency_images: int = 50
 
     def validate(self):
         from pipeline.exporters import FORMATS
@@ -234,8 +246,11 @@ class ExportConfig:
                "a positive integer or null")
         _check("export.max_probability_difference", self.max_probability_difference,
                0 < self.max_probability_difference <= 1, "a number in (0, 1]")
-        _check("export.min_top1_agreement", self.min_top1_agreement, 0 <= self.min_top1_agreement <= 1,
-               "a number in [0, 1]")
+        for key in ("min_top1_agreement", "reduced_min_top1_agreement", "reduced_max_accuracy_drop"):
+            _check(f"export.{key}", getattr(self, key), 0 <= getattr(self, key) <= 1, "a number in [0, 1]")
+        _check("export.latency_images", self.latency_images, self.latency_images >= 1, "a positive integer")
+        if len(set(self.formats)) != len(self.formats):
+            raise ConfigError(f"export.formats: {self.formats} names a format twice")
 
 
 @dataclass(frozen=True)

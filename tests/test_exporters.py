@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.exporters import FORMATS, ExportMeta, coreml, tflite
+from pipeline.exporters import FORMATS, ExportMeta, compare, coreml, mlprogram, tflite
 from pipeline.exporters import onnx as onnx_export
 
 LABELS = ["circle", "red square", "étoile"]  # blue, red, yellow: sorted as classes.txt sorts them
@@ -52,16 +52,21 @@ def test_the_colour_model_knows_its_colours(model, pixels):
     assert list(probs.argmax(1)) == [0, 1, 2]
 
 
-@pytest.mark.parametrize("module", [onnx_export, tflite], ids=["onnx", "tflite"])
-def test_raw_pixel_exports_agree_with_keras(tmp_path, model, pixels, module):
-    path = tmp_path / "m.bin"
-    module.export(model, meta(), path)
+@pytest.mark.parametrize("name", [n for n, f in FORMATS.items() if f.runtime])
+def test_every_runnable_export_agrees_with_keras(tmp_path, model, pixels, name):
+    fmt = FORMATS[name]
+    path = tmp_path / f"m{fmt.suffix}"
+    module = fmt.exporter()
+    module.export(model, meta(), path, fmt.precision)
+    assert module.problems(path, meta()) == []
     expected = model.predict(pixels * 2 / 255 - 1, verbose=0)
-    probs = module.predict(path, pixels)
+    predictor = module.load(path, LABELS)
+    assert predictor.labels == LABELS and predictor.image_size == SIZE
+    probs = predictor.predict(pixels)
     assert list(probs[:3].argmax(1)) == [0, 1, 2]  # raw red pixels in -> "red square" out
-    result = module.check(path, meta(), pixels, expected)
+    result = compare(probs, expected)
     assert result["top1_agreement"] == 1.0
-    assert result["max_probability_difference"] < 1e-5
+    assert result["max_probability_difference"] < (1e-5 if fmt.precision == "fp32" else 2e-2)
 
 
 def test_onnx_metadata_reads_back(tmp_path, model):
@@ -123,5 +128,41 @@ def test_coreml_spec_check_catches_wrong_fields(coreml_spec, break_it, words):
 def test_format_table_names_existing_modules():
     for fmt in FORMATS.values():
         module = fmt.exporter()
-        assert callable(module.export) and callable(module.check)
-        assert fmt.suffix.startswith(".")
+        assert callable(module.export) and callable(module.problems) and callable(module.load)
+        assert fmt.suffix.startswith((".", "-"))
+        assert fmt.precision in ("fp32", "fp16", "int8")
+    assert len({f.suffix for f in FORMATS.values()}) == len(FORMATS)
+
+
+def test_reduced_coreml_variants_store_smaller_weights(tmp_path, model):
+    sizes = {}
+    for precision in ("fp32", "fp16", "int8"):
+        path = tmp_path / f"{precision}.mlmodel"
+        coreml.export(model, meta(), path, precision)
+        layer = next(l for l in coreml.read_spec(path).neuralNetworkClassifier.layers
+                     if l.WhichOneof("layer") == "innerProduct")
+        weights = layer.innerProduct.weights
+        sizes[precision] = (len(weights.floatValue), len(weights.float16Value), len(weights.rawValue))
+    assert sizes == {"fp32": (9, 0, 0), "fp16": (0, 18, 0), "int8": (0, 0, 9)}
+
+
+def test_ml_program_package_spec(tmp_path, model):
+    path = tmp_path / "m.mlpackage"
+    mlprogram.export(model, meta(), path)
+    assert path.is_dir() and mlprogram.load(path) is None
+    assert mlprogram.problems(path, meta()) == []
+    spec = mlprogram.read_spec(path)  # read back with coremltools
+    assert spec.WhichOneof("Type") == "mlProgram"
+    assert spec.description.metadata.author == "tests"
+    assert spec.description.metadata.userDefined["backbone"] == "none"
+    wrong = ExportMeta(**{**meta().__dict__, "labels": LABELS[1:] + LABELS[:1], "bias": 0.0})
+    problems = mlprogram.problems(path, wrong)
+    assert any("labels" in p for p in problems) and any("redBias" in p for p in problems), problems
+
+
+def test_tflite_interface_is_checked(tmp_path, model):
+    path = tmp_path / "m.tflite"
+    tflite.export(model, meta(), path)
+    wrong = ExportMeta(**{**meta().__dict__, "labels": LABELS + ["extra"], "image_size": SIZE * 2})
+    problems = tflite.problems(path, wrong)
+    assert any("input should be" in p for p in problems) and any("output should be" in p for p in problems)

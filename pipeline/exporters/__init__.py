@@ -1,36 +1,60 @@
-"""The one table of export formats, and what every exporter is given.
+"""The one table of export formats, and what every exporter is given and gives back.
 
-Each format's module has `export(model, meta, path)` and `check(path, meta, pixels, expected)`. Core ML
-takes the trained model with the preprocessing in its image input; ONNX and TFLite take the same model
-behind a Rescaling layer, so every format is fed raw RGB pixels (0-255) and none needs our Python code.
+Each format's module has `export(model, meta, path, precision)`, `problems(path, meta)` (what is wrong with the
+file's interface and metadata) and `load(path, labels)` (a `Predictor`, or None when nothing on Linux can run
+it). Core ML takes the trained model with the preprocessing in its image input; ONNX and TFLite take the same
+model behind a Rescaling layer, so every format is fed raw RGB pixels (0-255) and none needs our Python code.
 """
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
 
 @dataclass(frozen=True)
 class Format:
-    """One export format: its config name, file suffix, module, and how it is checked on Linux."""
+    """One exported file: its config name, file name suffix, module, weight precision, and what runs it here.
+
+    runtime: what computes its outputs on Linux; empty when only its spec can be checked.
+    timed: whether that runtime is the format's real one, so its batch-1 latency means something.
+    """
 
     name: str
     title: str
     suffix: str
     module: str
-    checked_by: str
+    precision: str
+    runtime: str
+    timed: bool
+
+    @property
+    def reduced(self):
+        """Whether the weights are smaller than float32 (judged by the looser variant thresholds)."""
+        return self.precision != "fp32"
 
     def exporter(self):
-        """The module that exports and checks this format."""
+        """The module that exports, checks and loads this format."""
         return importlib.import_module(self.module)
 
 
+_COREML, _MLPROGRAM = "pipeline.exporters.coreml", "pipeline.exporters.mlprogram"
+_ONNX, _TFLITE = "pipeline.exporters.onnx", "pipeline.exporters.tflite"
+_CHECKER = "NumPy Core ML checker (pipeline.coreml_numpy)"
+
 FORMATS = {f.name: f for f in (
-    Format("coreml", "Core ML", ".mlmodel", "pipeline.exporters.coreml", "spec fields (Core ML runs only on Apple OSes)"),
-    Format("onnx", "ONNX", ".onnx", "pipeline.exporters.onnx", "onnxruntime"),
-    Format("tflite", "TFLite", ".tflite", "pipeline.exporters.tflite", "ai-edge-litert Interpreter"),
+    Format("coreml", "Core ML", ".mlmodel", _COREML, "fp32", _CHECKER, False),
+    Format("coreml-fp16", "Core ML, fp16 weights", "-fp16.mlmodel", _COREML, "fp16", _CHECKER, False),
+    Format("coreml-int8", "Core ML, 8-bit weights", "-int8.mlmodel", _COREML, "int8", _CHECKER, False),
+    Format("coreml-mlprogram", "Core ML ML Program (iOS 15+), fp16", ".mlpackage", _MLPROGRAM, "fp16", "", False),
+    Format("onnx", "ONNX", ".onnx", _ONNX, "fp32", "onnxruntime", True),
+    Format("onnx-fp16", "ONNX, fp16", "-fp16.onnx", _ONNX, "fp16", "onnxruntime", True),
+    Format("tflite", "TFLite", ".tflite", _TFLITE, "fp32", "ai-edge-litert Interpreter", True),
+    Format("tflite-fp16", "TFLite, fp16 weights", "-fp16.tflite", _TFLITE, "fp16", "ai-edge-litert Interpreter", True),
+    Format("tflite-int8", "TFLite, dynamic-range int8", "-int8.tflite", _TFLITE, "int8",
+           "ai-edge-litert Interpreter", True),
 )}
 
 
@@ -55,6 +79,18 @@ class ExportMeta:
                 "bias": repr(self.bias)}
 
 
+@dataclass(frozen=True)
+class Predictor:
+    """A loaded exported model: raw RGB pixels (N, size, size, 3, 0-255) in, probabilities in `labels` order out.
+
+    labels: the class labels as the file itself carries them (or as shipped beside it).
+    """
+
+    labels: list
+    image_size: int
+    predict: Callable
+
+
 def with_preprocessing(model, meta):
     """The model behind a Rescaling layer that maps raw 0-255 RGB pixels to the backbone's input range."""
     import tf_keras as keras
@@ -62,6 +98,16 @@ def with_preprocessing(model, meta):
     inputs = keras.Input((meta.image_size, meta.image_size, 3), name="image")
     x = keras.layers.Rescaling(meta.scale, offset=meta.bias, name="preprocess")(inputs)
     return keras.Model(inputs, model(x), name="multisnacks_raw_pixels")
+
+
+def in_label_order(probabilities, labels, wanted):
+    """Probability columns reordered from `labels` (the file's order) to `wanted`; a missing label is an error."""
+    missing = [label for label in wanted if label not in labels]
+    if missing or len(labels) != len(wanted):
+        from pipeline.errors import ExportError
+
+        raise ExportError(f"the model's labels {list(labels)} are not the classes {list(wanted)}")
+    return np.asarray(probabilities)[:, [list(labels).index(label) for label in wanted]]
 
 
 def compare(probabilities, expected):

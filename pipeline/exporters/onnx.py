@@ -6,7 +6,7 @@ import json
 import numpy as np
 
 from pipeline import fileio
-from pipeline.exporters import compare, with_preprocessing
+from pipeline.exporters import Predictor, with_preprocessing
 
 OUTPUT_NAME = "labelProbability"
 OPSET = 13
@@ -38,23 +38,50 @@ def convert(model, meta):
     return proto
 
 
-def export(model, meta, path):
-    """Write `model` as ONNX at `path`."""
+def export(model, meta, path, precision="fp32"):
+    """Write `model` as ONNX at `path`; fp16 stores weights and activations as float16, float32 in and out."""
     proto = convert(model, meta)
+    if precision == "fp16":
+        from onnxconverter_common import float16
+
+        proto = float16.convert_float_to_float16(proto, keep_io_types=True)
     with fileio.atomic_path(path) as tmp:
         tmp.write_bytes(proto.SerializeToString())
 
 
-def predict(path, pixels, batch_size=32):
-    """Class probabilities from onnxruntime for raw RGB pixels (N, H, W, 3)."""
+def metadata(path):
+    """The file's metadata_props as a dict, read with the onnx package."""
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
+def problems(path, meta):
+    """What is wrong with the file's input, output and metadata (empty when it is right)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    props = {p.key: p.value for p in proto.metadata_props}
+    found = []
+    if json.loads(props.get("labels", "[]")) != list(meta.labels):
+        found.append(f"metadata labels {props.get('labels')} differ from classes.txt")
+    for key, value in meta.preprocessing().items():
+        if props.get(key) != value:
+            found.append(f"metadata {key} should be {value}, got {props.get(key)}")
+    if [o.name for o in proto.graph.output] != [OUTPUT_NAME]:
+        found.append(f"output should be '{OUTPUT_NAME}', got {[o.name for o in proto.graph.output]}")
+    return found
+
+
+def load(path, labels=None):
+    """An onnxruntime predictor with the labels from the file's metadata."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return np.concatenate([session.run([OUTPUT_NAME], {name: pixels[i:i + batch_size].astype(np.float32)})[0]
-                           for i in range(0, len(pixels), batch_size)])
+    inp = session.get_inputs()[0]
 
+    def predict(pixels, batch_size=32):
+        return np.concatenate([session.run([OUTPUT_NAME], {inp.name: pixels[i:i + batch_size].astype(np.float32)})[0]
+                               for i in range(0, len(pixels), batch_size)])
 
-def check(path, meta, pixels, expected):
-    """Agreement of onnxruntime's predictions with Keras's on the same images."""
-    return compare(predict(path, pixels), expected)
+    return Predictor(labels=json.loads(metadata(path)["labels"]), image_size=int(inp.shape[1]), predict=predict)

@@ -1,38 +1,63 @@
-"""TFLite export: raw RGB pixels in (normalisation inside the model), class probabilities out."""
+"""TFLite export: raw RGB pixels in (normalisation inside the model), class probabilities out.
+
+The labels ship as labels.txt beside the model: the TFLite metadata writer (tflite-support) needs
+protobuf < 4, which TensorFlow 2.21, coremltools 9 and onnx cannot run with.
+"""
 from __future__ import annotations
 
 import numpy as np
 
 from pipeline import fileio
-from pipeline.exporters import compare, with_preprocessing
+from pipeline.exporters import Predictor, with_preprocessing
 
 
-def export(model, meta, path):
-    """Write `model` with its preprocessing as a float32 TFLite flatbuffer at `path`."""
+def export(model, meta, path, precision="fp32"):
+    """Write `model` with its preprocessing as a TFLite flatbuffer: float32, fp16 or dynamic-range int8 weights."""
     import tensorflow as tf
 
     converter = tf.lite.TFLiteConverter.from_keras_model(with_preprocessing(model, meta))
+    if precision != "fp32":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]  # alone: int8 weights, float activations
+    if precision == "fp16":
+        converter.target_spec.supported_types = [tf.float16]
     data = converter.convert()
     with fileio.atomic_path(path) as tmp:
         tmp.write_bytes(data)
 
 
-def predict(path, pixels):
-    """Class probabilities from the ai-edge-litert Interpreter for raw RGB pixels, one image at a time."""
+def _interpreter(path):
     from ai_edge_litert.interpreter import Interpreter
 
     interpreter = Interpreter(model_path=str(path))
     interpreter.allocate_tensors()
-    inp = interpreter.get_input_details()[0]["index"]
+    return interpreter
+
+
+def problems(path, meta):
+    """What is wrong with the file's input and output tensors (empty when they are right)."""
+    interpreter = _interpreter(path)
+    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    found = []
+    if list(inp["shape"]) != [1, meta.image_size, meta.image_size, 3] or inp["dtype"] != np.float32:
+        found.append(f"input should be float32 [1, {meta.image_size}, {meta.image_size}, 3], "
+                     f"got {inp['dtype'].__name__} {list(inp['shape'])}")
+    if list(out["shape"]) != [1, len(meta.labels)]:
+        found.append(f"output should be [1, {len(meta.labels)}], got {list(out['shape'])}")
+    return found
+
+
+def load(path, labels):
+    """An ai-edge-litert predictor, one image at a time, with the labels shipped beside the file."""
+    interpreter = _interpreter(path)
+    inp = interpreter.get_input_details()[0]
     out = interpreter.get_output_details()[0]["index"]
-    results = []
-    for image in pixels:
-        interpreter.set_tensor(inp, image[None].astype(np.float32))
-        interpreter.invoke()
-        results.append(interpreter.get_tensor(out)[0].copy())
-    return np.stack(results)
 
+    def predict(pixels):
+        results = []
+        for image in pixels:
+            interpreter.set_tensor(inp["index"], image[None].astype(np.float32))
+            interpreter.invoke()
+            results.append(interpreter.get_tensor(out)[0].copy())
+        return np.stack(results)
 
-def check(path, meta, pixels, expected):
-    """Agreement of the TFLite interpreter's predictions with Keras's on the same images."""
-    return compare(predict(path, pixels), expected)
+    return Predictor(labels=list(labels), image_size=int(inp["shape"][1]), predict=predict)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pipeline.exporters import FORMATS
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -46,10 +48,10 @@ STAGES = (
           "Measure the model on the test split: accuracy, per-class report, confusion matrix, worst predictions."),
     Stage("export", "pipeline.stages.export", ("model", "export"),
           ("ingest", "augment", "finetune", "evaluate"),
-          ("pipeline.stages.export", "pipeline.exporters", "pipeline.exporters.coreml",
-           "pipeline.exporters.onnx", "pipeline.exporters.tflite", "pipeline.models",
-           "pipeline.augmentation", "pipeline.images"),
-          "Convert the model to Core ML, ONNX and TFLite and check each against Keras."),
+          ("pipeline.stages.export", "pipeline.exporters", *sorted({f.module for f in FORMATS.values()}),
+           "pipeline.coreml_numpy", "pipeline.parity", "pipeline.models", "pipeline.augmentation",
+           "pipeline.images"),
+          "Convert the model to Core ML (and its variants), ONNX and TFLite, and measure each against Keras."),
 )
 
 BY_NAME = {stage.name: stage for stage in STAGES}

@@ -1,0 +1,105 @@
+"""Core ML ML Program export (`.mlpackage`, iOS 15+), converted from the same model and checked by its spec.
+
+Nothing on Linux runs an ML Program, so `load` gives no predictor: the parity table shows it as checked by
+spec only. The spec check reads the image scale and bias from the program's own first operations.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline import fileio
+from pipeline.exporters import coreml
+
+
+def export(model, meta, path, precision="fp16"):
+    """Write `model` as an ML Program `.mlpackage` folder at `path`, computing in float16 or float32."""
+    import coremltools as ct
+
+    mlmodel = ct.convert(model, convert_to="mlprogram", inputs=[coreml.image_input(meta)],
+                         classifier_config=ct.ClassifierConfig(list(meta.labels)),
+                         minimum_deployment_target=ct.target.iOS15,
+                         compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32)
+    spec = mlmodel.get_spec()
+    coreml.describe(spec, meta)
+    described = ct.models.MLModel(spec, weights_dir=mlmodel.weights_dir, skip_model_load=True)
+    with fileio.atomic_folder(path) as tmp:
+        described.save(str(tmp))
+
+
+def read_spec(path):
+    """The protobuf spec inside an `.mlpackage`."""
+    import coremltools as ct
+
+    return ct.utils.load_spec(str(path))
+
+
+def problems(path, meta):
+    """What is wrong with the package's input, outputs, metadata, labels and image preprocessing."""
+    spec = read_spec(path)
+    found = coreml.interface_problems(spec, meta)
+    if spec.WhichOneof("Type") != "mlProgram":
+        return found + [f"model should be an ML Program, got {spec.WhichOneof('Type')}"]
+    operations = _operations(spec)
+    labels = _classify_labels(operations)
+    if labels != list(meta.labels):
+        found.append(f"class labels differ from classes.txt: {labels} vs {list(meta.labels)}")
+    scale, bias = _image_scale_bias(operations, coreml.INPUT_NAME)
+    if scale is None:
+        found.append(f"no scale/bias operations on the input '{coreml.INPUT_NAME}'")
+    else:
+        found += coreml._scale_bias_problems(scale, bias, meta)
+    return found
+
+
+def load(path, labels=None):
+    """No runtime on Linux executes an ML Program."""
+    return None
+
+
+def _operations(spec):
+    main = spec.mlProgram.functions["main"]
+    return list(main.block_specializations[main.opset].operations)
+
+
+def _constants(operations):
+    return {op.outputs[0].name: _value(op.attributes["val"]) for op in operations if op.type == "const"}
+
+
+def _value(attribute):
+    """The Python value of an immediate MIL constant (strings, floats or ints)."""
+    tensor = attribute.immediateValue.tensor
+    for field in ("strings", "floats", "ints", "bytes"):
+        if tensor.HasField(field):
+            values = list(getattr(tensor, field).values)
+            if field == "bytes":  # fp16 constants are stored as raw bytes
+                values = np.frombuffer(getattr(tensor, field).values, dtype="<f2").astype(float).tolist()
+            return values
+    return None
+
+
+def _classify_labels(operations):
+    constants = _constants(operations)
+    for op in operations:
+        if op.type == "classify":
+            argument = op.inputs["classes"].arguments[0]
+            if argument.HasField("value"):  # the labels inline, as a list of one-string tensors
+                return [label for item in argument.value.immediateValue.list.values
+                        for label in item.immediateValue.tensor.strings.values]
+            return constants.get(argument.name)
+    return None
+
+
+def _image_scale_bias(operations, input_name):
+    """(scale, [red, green, blue] bias) of the mul/add the converter puts on the image, or (None, None)."""
+    constants = _constants(operations)
+    scale = bias = None
+    current = input_name
+    for op in operations:
+        if op.type in ("mul", "add") and op.inputs["x"].arguments[0].name == current:
+            value = np.asarray(constants.get(op.inputs["y"].arguments[0].name), dtype=float).ravel()
+            if op.type == "mul":
+                scale = float(value[0])
+            else:
+                bias = (list(value) * 3)[:3] if value.size == 1 else list(value)
+            current = op.outputs[0].name
+    return (scale if scale is not None else 1.0, bias) if bias is not None else (None, None)

@@ -1,0 +1,76 @@
+"""The `predict` command: top labels of photos from one exported file, through that format's own input path."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import models
+from pipeline.backbones import BACKBONES
+from pipeline.catalog import Catalog
+from pipeline.errors import PipelineError
+from pipeline.exporters import FORMATS, ExportMeta
+from pipeline.images import BadImage, is_image_name, load_array
+from pipeline.parity import KERAS, keras_predictor
+from pipeline.stages.ingest import read_classes
+
+# Formats something on Linux can run, so `predict` can use them.
+RUNNABLE = (KERAS, *[name for name, fmt in FORMATS.items() if fmt.runtime])
+
+
+def image_files(path):
+    """The image at `path`, or every image under the folder `path` (sorted); an error names what is wrong."""
+    path = Path(path)
+    if not path.exists():
+        raise PipelineError(f"{path}: no such file or folder")
+    if path.is_file():
+        return [path]
+    found = sorted(p for p in path.rglob("*") if p.is_file() and is_image_name(p))
+    if not found:
+        raise PipelineError(f"{path}: no image files in this folder (looked for .jpg, .jpeg, .png, ... "
+                            "in it and its subfolders)")
+    return found
+
+
+def load_predictor(format_name, cfg, artifacts):
+    """A Predictor for the exported file of `format_name` in the artifacts folder (or the Keras model)."""
+    catalog = Catalog(artifacts)
+    ingest, export = catalog.stage("ingest"), catalog.stage("export")
+    if format_name == KERAS:
+        model_path = catalog.stage("finetune").model
+        _require(model_path, "finetune")
+        backbone = BACKBONES[cfg.model.backbone]
+        meta = ExportMeta(labels=read_classes(ingest), image_size=cfg.model.image_size, scale=backbone.input_scale,
+                          bias=backbone.input_bias, author="", license="", description="", version="")
+        return keras_predictor(models.load(model_path), meta)
+    fmt = FORMATS[format_name]
+    path = export.model(cfg.export.name, fmt.suffix)
+    _require(path, "export", f" with '{format_name}' in export.formats")
+    _require(export.labels, "export")
+    labels = export.labels.read_text(encoding="utf-8").splitlines()
+    return fmt.exporter().load(path, labels)
+
+
+def _require(path, stage, extra=""):
+    if not Path(path).exists():
+        raise PipelineError(f"{path} does not exist: run `python -m pipeline {stage}` (or `make all`){extra} first")
+
+
+def top_labels(predictor, paths, top_k):
+    """[(path, [(label, probability), ...top_k])] for each image, best first."""
+    results = []
+    for path in paths:
+        try:
+            pixels = load_array(path, predictor.image_size)[None].astype(np.float32)
+        except (BadImage, OSError, ValueError) as exc:
+            raise PipelineError(f"{path}: not an image this tool can read ({exc}); give a JPEG/PNG photo "
+                                "or a folder of them") from exc
+        probabilities = predictor.predict(pixels)[0]
+        best = np.argsort(-probabilities)[:top_k]
+        results.append((path, [(predictor.labels[i], float(probabilities[i])) for i in best]))
+    return results
+
+
+def format_results(results):
+    """One line per image: its path, then label (probability) pairs."""
+    return "\n".join(f"{path}: " + ", ".join(f"{label} {p:.3f}" for label, p in labels) for path, labels in results)

@@ -1,0 +1,86 @@
+"""`predict` and `verify` on the smoke world's exports: output, format choice, and the errors a user can hit."""
+import json
+import re
+import shutil
+
+from conftest import base_args, invoke
+
+from pipeline import predict
+from pipeline.exporters import FORMATS
+
+CLASSES = ["circle", "red square", "étoile"]
+LINE = re.compile(r"^(.+): (.+) (\d\.\d{3}), (.+) (\d\.\d{3})$")
+
+
+def a_test_image(world):
+    return sorted((world["data"] / "test" / "circle").iterdir())[0]
+
+
+def test_predict_prints_top_k_labels_for_each_format(world):
+    image = a_test_image(world)
+    answers = {}
+    for name in ("coreml", "onnx", "tflite", "keras", "coreml-int8"):
+        result = invoke(*base_args(world), "predict", str(image), "--format", name, "--top-k", "2")
+        assert result.exit_code == 0, result.stderr
+        (line,) = result.stdout.splitlines()
+        match = LINE.match(line)
+        assert match and match.group(1) == str(image), line
+        assert match.group(2) in CLASSES and match.group(4) in CLASSES
+        assert float(match.group(3)) >= float(match.group(5))
+        answers[name] = (match.group(2), float(match.group(3)))
+    top = {label for label, _ in answers.values()}
+    assert len(top) == 1, answers  # every format gives the same answer for the same photo
+    assert max(p for _, p in answers.values()) - min(p for _, p in answers.values()) < 1e-2
+
+
+def test_predict_a_folder_recursively(world):
+    result = invoke(*base_args(world), "predict", str(world["data"] / "test"), "--format", "onnx")
+    assert result.exit_code == 0, result.stderr
+    images = predict.image_files(world["data"] / "test")
+    assert len(result.stdout.splitlines()) == len(images) > 3
+
+
+def test_predict_errors_name_the_path_and_the_fix(world, tmp_path):
+    missing = invoke(*base_args(world), "predict", str(tmp_path / "nope.jpg"))
+    assert missing.exit_code == 1 and "nope.jpg: no such file or folder" in missing.stderr
+    text = tmp_path / "notes.jpg"
+    text.write_text("not a photo")
+    bad = invoke(*base_args(world), "predict", str(text), "--format", "tflite")
+    assert bad.exit_code == 1 and "notes.jpg: not an image" in bad.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    nothing = invoke(*base_args(world), "predict", str(empty))
+    assert nothing.exit_code == 1 and "no image files" in nothing.stderr
+    no_exports = invoke(*base_args(world, artifacts=tmp_path / "none"), "predict", str(a_test_image(world)))
+    assert no_exports.exit_code == 1 and "run `python -m pipeline export`" in no_exports.stderr
+    unknown = invoke(*base_args(world), "predict", str(a_test_image(world)), "--format", "coreml-mlprogram")
+    assert unknown.exit_code == 2  # nothing on Linux runs an ML Program, so it is not offered
+
+
+def test_verify_prints_the_parity_table(world):
+    result = invoke(*base_args(world), "verify")
+    assert result.exit_code == 0, result.stderr
+    for fmt in FORMATS.values():
+        assert fmt.title in result.stdout
+    assert "FAILED" not in result.stdout
+    saved = (world["artifacts"] / "export" / "parity.md").read_text(encoding="utf-8")
+    assert saved.splitlines()[0] == result.stdout.splitlines()[0]
+    rows = json.loads((world["artifacts"] / "export" / "export.json").read_text(encoding="utf-8"))["formats"]
+    assert [r["format"] for r in rows] == ["keras", *FORMATS]
+    assert all(r["passed"] for r in rows)
+
+
+def test_verify_fails_when_an_export_is_broken(world, tmp_path):
+    import coremltools as ct
+
+    from pipeline.exporters import coreml
+
+    artifacts = tmp_path / "artifacts"
+    shutil.copytree(world["artifacts"], artifacts)
+    path = artifacts / "export" / "MultiSnacks.mlmodel"
+    spec = coreml.read_spec(path)
+    spec.neuralNetworkClassifier.preprocessing[0].scaler.redBias = 0.0
+    ct.utils.save_spec(spec, str(path))
+    result = invoke(*base_args(world, artifacts=artifacts), "verify")
+    assert result.exit_code == 1
+    assert "Core ML: FAILED" in result.stderr and "redBias" in result.stderr
