@@ -112,7 +112,7 @@ def table(rows):
         measured = "top1_agreement" in r
         cells = (r["title"], f"`{r['file']}`", f"{r['megabytes']:.2f}",
                  f"{r['accuracy']:.2%}" if measured else "-",
-                 f"{-r['accuracy_drop'] * 100:+.2f}" if measured else "-",
+                 f"{0.0 - r['accuracy_drop'] * 100:+.2f}" if measured else "-",
                  f"{r['top1_agreement']:.2%}" if measured else "-",
                  f"{r['max_probability_difference']:.1e}" if measured else "-",
                  f"{r['latency_ms']:.1f}" if r.get("latency_ms") is not None else "-",

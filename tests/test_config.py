@@ -54,6 +54,9 @@ def test_data_override(tmp_path):
     ({"model": "big"}, ["model", "mapping"]),
     ({"train_head": {"augmented_views": -1}}, ["train_head.augmented_views", "-1", "[0, 50]"]),
     ({"finetune": {"augmented_views": 99}}, ["finetune.augmented_views", "99", "[0, 50]"]),
+    ({"export": {"reduced_min_top1_agreement": 99}}, ["export.reduced_min_top1_agreement", "99", "[0, 1]"]),
+    ({"export": {"latency_images": 0}}, ["export.latency_images", "0", "positive"]),
+    ({"export": {"formats": ["onnx", "onnx"]}}, ["export.formats", "twice"]),
 ])
 def test_validation_errors_name_key_value_and_allowed(raw, words):
     with pytest.raises(ConfigError) as err:
