@@ -7,7 +7,7 @@ from pipeline.config import ExportConfig
 from pipeline.coreml_numpy import CannotVerify
 from pipeline.exporters import coreml, in_label_order
 from pipeline.parity import measure
-from tests.test_exporters import LABELS, colour_model, meta, pixels, model  # noqa: F401  (fixtures)
+from test_exporters import LABELS, meta, model, pixels  # noqa: F401  (model, pixels: fixtures)
 
 RNG = np.random.default_rng(7)
 

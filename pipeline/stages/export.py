@@ -47,22 +47,25 @@ def check_images(ingest_files, cfg):
     return pixels, np.array([classes.index(r["label"]) for r in rows])
 
 
-def parity(cfg, inputs, files):
-    """The parity rows of the exported `files` ({format: path}) against the fine-tuned Keras model."""
-    classes = read_classes(inputs["ingest"])
-    meta = export_meta(cfg, classes, fileio.read_json(inputs["evaluate"].metrics),
+def stage_meta(cfg, inputs):
+    """export_meta from the upstream stages' files."""
+    return export_meta(cfg, read_classes(inputs["ingest"]), fileio.read_json(inputs["evaluate"].metrics),
                        fileio.read_json(inputs["ingest"].report))
+
+
+def parity(cfg, inputs, files, model=None):
+    """The parity rows of the exported `files` ({format: path}) against the fine-tuned Keras model."""
     pixels, truth = check_images(inputs["ingest"], cfg)
-    model = models.load(inputs["finetune"].model)
-    return measure(files, model, inputs["finetune"].model, meta, pixels, truth, cfg.export, log=_log_row)
+    model = model or models.load(inputs["finetune"].model)
+    return measure(files, model, inputs["finetune"].model, stage_meta(cfg, inputs), pixels, truth, cfg.export,
+                   log=_log_row)
 
 
 def run(ctx):
     """Export every configured format, measure each against Keras, and write labels.txt, export.json, parity.md."""
     cfg, out = ctx.cfg, ctx.out
     classes = read_classes(ctx.inputs["ingest"])
-    meta = export_meta(cfg, classes, fileio.read_json(ctx.inputs["evaluate"].metrics),
-                       fileio.read_json(ctx.inputs["ingest"].report))
+    meta = stage_meta(cfg, ctx.inputs)
     model = models.load(ctx.inputs["finetune"].model)
     fileio.write_text(out.labels, "".join(f"{label}\n" for label in classes))
     files = {}
@@ -73,7 +76,7 @@ def run(ctx):
         fmt.exporter().export(model, meta, files[name], fmt.precision)
         log.info("export %s: %s (%.2f MB) in %.1fs", fmt.title, files[name].name, megabytes(files[name]),
                  time.monotonic() - t0)
-    rows = parity(cfg, ctx.inputs, files)
+    rows = parity(cfg, ctx.inputs, files, model)
     fileio.write_json(out.checks, {"labels": classes, "preprocessing": meta.preprocessing(), "formats": rows})
     fileio.write_text(out.parity, table(rows))
     stop = blocking_failures(rows)
