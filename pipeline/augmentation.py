@@ -2,39 +2,34 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
+import functools
 import math
-import time
 
 import numpy as np
 
-from pipeline.backbones import BACKBONES
+from pipeline.backbones import BACKBONES, scale_bias
 from pipeline.images import load_array
 
-PREPROCESS_KEY = "preprocessing_function"
-
-log = logging.getLogger("pipeline.augmentation")
+PREPROCESS_KEYS = ("input_scale", "input_bias")
 
 
 def generator_settings(aug_cfg, backbone_name):
-    """The ImageDataGenerator keyword arguments for training images, with preprocess_input named."""
+    """The ImageDataGenerator keyword arguments for training images, with the backbone's preprocessing."""
     settings = dataclasses.asdict(aug_cfg)
     settings.pop("preview_images")
-    settings[PREPROCESS_KEY] = BACKBONES[backbone_name].preprocess_module + ".preprocess_input"
+    backbone = BACKBONES[backbone_name]
+    settings.update(input_scale=backbone.input_scale, input_bias=backbone.input_bias)
     return settings
 
 
 def make_generator(settings, augment=True):
-    """An ImageDataGenerator from saved settings; without `augment`, only preprocess_input (val and test)."""
-    import importlib
-
+    """An ImageDataGenerator from saved settings; without `augment`, only the preprocessing (val and test)."""
     from tf_keras.preprocessing.image import ImageDataGenerator
 
-    module, _, func = settings[PREPROCESS_KEY].rpartition(".")
-    preprocess = getattr(importlib.import_module(module), func)
+    preprocess = functools.partial(scale_bias, scale=settings["input_scale"], bias=settings["input_bias"])
     if not augment:
         return ImageDataGenerator(preprocessing_function=preprocess)
-    kwargs = {k: v for k, v in settings.items() if k != PREPROCESS_KEY}
+    kwargs = {k: v for k, v in settings.items() if k not in PREPROCESS_KEYS}
     return ImageDataGenerator(preprocessing_function=preprocess, **kwargs)
 
 
@@ -53,7 +48,7 @@ class ImageBatches(_sequence_base()):
     """Batches of (preprocessed images, one-hot labels) read from index rows through an ImageDataGenerator.
 
     Images are decoded with pipeline.images (upright RGB, bilinear resize), then, as in Keras's own
-    iterators, `random_transform` (when augmenting) and `standardize` (which applies preprocess_input).
+    iterators, `random_transform` (when augmenting) and `standardize` (which applies the backbone's scale and bias).
     `flip` mirrors every image (a fixed view for test-time augmentation and cached features).
     """
 
@@ -104,34 +99,3 @@ def split_batches(ingest_files, augment_files, split, size, batch_size, augment=
     generator = make_generator(read_json(augment_files.settings), augment)
     return ImageBatches(read_index(ingest_files, split), read_classes(ingest_files), size, generator,
                         batch_size, augment=augment, shuffle=shuffle, flip=flip, seed=seed)
-
-
-def view_specs(flip_view, augmented_views):
-    """The fixed views of each training image that cached training uses: (name, ImageBatches options)."""
-    views = [("original", {})]
-    if flip_view:
-        views.append(("mirrored", {"flip": True}))
-    views += [(f"augmented view {k + 1}", {"augment": True}) for k in range(augmented_views)]
-    return views
-
-
-def predict_views(model, ingest_files, augment_files, size, batch_size, views, seed, dtype="float32"):
-    """`model`'s outputs for every view of every training image, concatenated, with their class indices.
-
-    Each augmented view draws its own random transforms (seeded by `seed` and its position).
-    """
-    from pipeline.training import (
-        keras_verbose,  # training imports plotting; keep it off this module's import
-    )
-
-    outputs, labels = [], []
-    for k, (name, options) in enumerate(views):
-        batches = split_batches(ingest_files, augment_files, "train", size, batch_size, seed=seed * 1000 + k,
-                                **options)
-        t0 = time.monotonic()
-        outputs.append(model.predict(batches, verbose=keras_verbose(predict=True)).astype(dtype))
-        seconds = time.monotonic() - t0
-        log.info("computed %s of %d training images in %.0fs (%.1f images/s)", name, len(outputs[-1]), seconds,
-                 len(outputs[-1]) / max(seconds, 1e-9))
-        labels.append(batches.labels)
-    return np.concatenate(outputs), np.concatenate(labels)

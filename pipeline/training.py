@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import math
 import sys
 import time
 
@@ -48,17 +49,37 @@ def keras_verbose(predict=False):
     return 0 if predict else 2
 
 
-def fit(model, train, validation, section, files, learning_rate, reduce_lr=False, **fit_kwargs):
+def learning_rate_at(epoch, section):
+    """The `cosine` schedule's learning rate for a 0-based epoch: linear warm-up, then cosine decay to min_lr."""
+    peak, low, warmup, total = section.learning_rate, section.min_lr, section.warmup_epochs, section.epochs
+    if epoch < warmup:
+        return peak * (epoch + 1) / (warmup + 1)
+    span = max(total - warmup - 1, 1)
+    return low + 0.5 * (peak - low) * (1 + math.cos(math.pi * min(epoch - warmup, span) / span))
+
+
+def _schedule_callbacks(keras, section):
+    if section.schedule == "plateau":
+        return [keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=section.lr_factor,
+                                                  patience=section.lr_patience, min_lr=section.min_lr, verbose=1)]
+    if section.schedule == "cosine":
+        return [keras.callbacks.LearningRateScheduler(lambda epoch, lr: learning_rate_at(epoch, section))]
+    return []
+
+
+def fit(model, train, validation, section, files, **fit_kwargs):
     """Compile and fit `model`; keep the best epoch by validation accuracy; write history and curves.
 
-    `section` is the train_head or finetune config (epochs, patience, max_minutes, ...). `train` is a
-    Sequence or an (x, y) tuple; `validation` likewise. Returns a summary dict of the run.
+    `section` is the train_head or finetune config (epochs, learning rate and schedule, label smoothing,
+    patience, max_minutes, ...). `train` is a Sequence of (inputs, one-hot labels) batches or an (x, y) tuple
+    of arrays; `validation` likewise. Returns a summary dict of the run.
     """
     keras, TimeBudget, LearningRate = _callbacks()
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="categorical_crossentropy",
-                  metrics=["accuracy"])
+    loss = keras.losses.CategoricalCrossentropy(label_smoothing=section.label_smoothing)
+    model.compile(optimizer=keras.optimizers.Adam(section.learning_rate), loss=loss, metrics=["accuracy"])
     budget = TimeBudget(section.max_minutes)
     callbacks = [
+        *_schedule_callbacks(keras, section),
         LearningRate(),
         keras.callbacks.ModelCheckpoint(str(files.checkpoint), monitor="val_accuracy", mode="max",
                                         save_best_only=True, save_weights_only=True, verbose=0),
@@ -66,16 +87,12 @@ def fit(model, train, validation, section, files, learning_rate, reduce_lr=False
                                       restore_best_weights=True, verbose=0),
         budget,
     ]
-    if reduce_lr:
-        callbacks.insert(1, keras.callbacks.ReduceLROnPlateau(
-            monitor="val_loss", factor=section.lr_factor, patience=section.lr_patience,
-            min_lr=section.min_lr, verbose=1))
-    x, y = train if isinstance(train, tuple) else (train, None)
     keras.utils.set_random_seed(section.seed)
     t0 = time.monotonic()
-    history = model.fit(x, y, validation_data=validation, epochs=section.epochs,
-                        batch_size=section.batch_size if y is not None else None, callbacks=callbacks,
-                        verbose=keras_verbose(), **fit_kwargs)
+    x, y = train if isinstance(train, tuple) else (train, None)
+    history = model.fit(x, y, validation_data=validation, epochs=section.epochs, callbacks=callbacks,
+                        batch_size=section.batch_size if y is not None else None, verbose=keras_verbose(),
+                        **fit_kwargs)
     seconds = time.monotonic() - t0
     model.load_weights(str(files.checkpoint))  # the best epoch, whatever stopped training
     files.checkpoint.unlink()

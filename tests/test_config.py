@@ -19,7 +19,7 @@ def test_shipped_configs_load(name):
 def test_book_config_is_the_books_recipe():
     cfg = config.load(CONFIGS / "book.yaml")
     assert (cfg.train_head.epochs, cfg.train_head.features, cfg.train_head.learning_rate) == (10, "live", 1e-3)
-    assert (cfg.finetune.epochs, cfg.finetune.unfreeze_from, cfg.finetune.learning_rate) == (20, 0, 1e-4)
+    assert (cfg.finetune.epochs, cfg.finetune.unfreeze_from, cfg.finetune.learning_rate) == (20, "all", 1e-4)
     assert cfg.model.image_size == 224 and cfg.model.dropout == 0.5 and cfg.model.l2 == 0.001
 
 
@@ -48,7 +48,16 @@ def test_data_override(tmp_path):
     ({"train_head": {"features": "sometimes"}}, ["train_head.features", "'live'", "'cached'"]),
     ({"ingest": {"on_bad_image": "ignore"}}, ["ingest.on_bad_image", "'skip'", "'fail'"]),
     ({"model": {"alpha": 0.6}}, ["model.alpha", "0.6", "0.75"]),
-    ({"finetune": {"unfreeze_from": 14}}, ["finetune.unfreeze_from", "14", "[0, 13]"]),
+    ({"model": {"backbone": "efficientnet_lite0", "alpha": 0.75}}, ["model.alpha", "0.75", "[1.0]"]),
+    ({"model": {"backbone": "resnet"}}, ["model.backbone", "'resnet'", "efficientnet_lite0"]),
+    ({"finetune": {"unfreeze_from": "block14"}}, ["finetune.unfreeze_from", "block14", "block13"]),
+    ({"finetune": {"unfreeze_from": 7}}, ["finetune.unfreeze_from", "7", "a string"]),
+    ({"model": {"backbone": "efficientnet_lite0"}, "finetune": {"unfreeze_from": "block7"}},
+     ["finetune.unfreeze_from", "block7", "block6a", "top"]),
+    ({"train_head": {"schedule": "step"}}, ["train_head.schedule", "'cosine'"]),
+    ({"finetune": {"warmup_epochs": 20}}, ["finetune.warmup_epochs", "20", "finetune.epochs"]),
+    ({"finetune": {"label_smoothing": 1.0}}, ["finetune.label_smoothing", "[0, 1)"]),
+    ({"finetune": {"views_per_epoch": 3}}, ["finetune.views_per_epoch", "3", "[1, 2]"]),
     ({"export": {"formats": ["coreml", "pdf"]}}, ["export.formats", "pdf", "onnx"]),
     ({"augment": {"horizontal_flip": "yes"}}, ["augment.horizontal_flip", "true/false"]),
     ({"model": "big"}, ["model", "mapping"]),

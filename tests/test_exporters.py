@@ -3,6 +3,9 @@ import json
 
 import numpy as np
 import pytest
+from conftest import calibrate_batchnorm
+
+from pipeline.backbones import BACKBONES
 
 from pipeline.exporters import FORMATS, ExportMeta, compare, coreml, mlprogram, tflite
 from pipeline.exporters import onnx as onnx_export
@@ -166,3 +169,47 @@ def test_tflite_interface_is_checked(tmp_path, model):
     wrong = ExportMeta(**{**meta().__dict__, "labels": LABELS + ["extra"], "image_size": SIZE * 2})
     problems = tflite.problems(path, wrong)
     assert any("input should be" in p for p in problems) and any("output should be" in p for p in problems)
+
+
+def varied_images(n, size, seed):
+    """Images that differ in colour and brightness, not only in noise: each a random tint plus texture."""
+    rng = np.random.default_rng(seed)
+    tint = rng.uniform(0, 255, (n, 1, 1, 3))
+    return np.clip(tint + rng.normal(0, 40, (n, size, size, 3)), 0, 255).astype(np.float32)
+
+
+@pytest.fixture(scope="module", params=sorted(BACKBONES))
+def backbone_classifier(request):
+    """A small classifier on each registered backbone: random weights, BatchNorm calibrated, and a Dense layer
+    scaled and centred on the features of varied images, so that its top-1 class varies and is not a tie."""
+    from pipeline import models
+    from pipeline.config import ModelConfig
+
+    name = request.param
+    spec = BACKBONES[name]
+    model = models.build_classifier(ModelConfig(backbone=name, image_size=32, weights=None), 3)
+    calibrate_batchnorm(models.backbone_of(model), varied_images(32, 32, 0) * spec.input_scale + spec.input_bias)
+    features = models.feature_extractor(model).predict(varied_images(64, 32, 1) * spec.input_scale + spec.input_bias,
+                                                       verbose=0)
+    kernel = np.random.default_rng(0).normal(size=(features.shape[1], 3))
+    kernel *= 3 / (features @ kernel).std(axis=0)
+    model.get_layer("logits").set_weights([kernel.astype(np.float32), -(features.mean(axis=0) @ kernel).astype(np.float32)])
+    backbone_meta = ExportMeta(labels=LABELS, image_size=32, scale=spec.input_scale, bias=spec.input_bias,
+                               author="tests", license="MIT", description="", version="0.0")
+    return name, model, backbone_meta
+
+
+@pytest.mark.parametrize("name", ["coreml", "onnx", "tflite"])
+def test_every_backbone_exports_and_agrees_with_keras(tmp_path, backbone_classifier, name):
+    backbone, model, backbone_meta = backbone_classifier
+    fmt = FORMATS[name]
+    path = tmp_path / f"m{fmt.suffix}"
+    module = fmt.exporter()
+    module.export(model, backbone_meta, path, fmt.precision)
+    assert module.problems(path, backbone_meta) == []
+    pixels = varied_images(12, 32, 2)
+    expected = model.predict(pixels * backbone_meta.scale + backbone_meta.bias, verbose=0)
+    assert len(set(expected.argmax(1))) == 3 and expected.max(axis=1).min() < 0.99  # varied, not saturated
+    result = compare(module.load(path, LABELS).predict(pixels), expected)
+    assert result["top1_agreement"] == 1.0, backbone
+    assert result["max_probability_difference"] < 1e-4, backbone

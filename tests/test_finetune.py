@@ -11,15 +11,15 @@ from pipeline.runner import Runner
 from pipeline.stages.finetune import unfreeze
 
 
-@pytest.mark.parametrize("block, freeze_bn", [(0, False), (7, True), (12, False)])
-def test_unfreeze(block, freeze_bn):
+@pytest.mark.parametrize("cut, freeze_bn, first", [("all", False, "conv1"), ("block7", True, "conv_dw_7"),
+                                                  ("block12", False, "conv_dw_12")])
+def test_unfreeze(cut, freeze_bn, first):
     import tf_keras as keras
 
     model = models.build_classifier(config.ModelConfig(alpha=0.25, image_size=32, weights=None), 3)
-    unfreeze(model, block, freeze_bn)
+    unfreeze(model, "mobilenet", cut, freeze_bn)
     base = models.backbone_of(model)
     names = [layer.name for layer in base.layers if layer.trainable and layer.weights]
-    first = "conv1" if block == 0 else f"conv_dw_{block}" if block != 12 else "conv_dw_12"
     assert names[0] == first
     assert "conv_pw_13" in names
     bn_trainable = [layer.trainable for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization)]
@@ -28,9 +28,9 @@ def test_unfreeze(block, freeze_bn):
 
 def test_cached_inputs_need_a_frozen_lower_part():
     with pytest.raises(ConfigError, match="finetune.unfreeze_from"):
-        config.from_dict({"finetune": {"inputs": "cached", "unfreeze_from": 0, "freeze_batchnorm": True}})
+        config.from_dict({"finetune": {"inputs": "cached", "unfreeze_from": "all", "freeze_batchnorm": True}})
     with pytest.raises(ConfigError, match="finetune.freeze_batchnorm"):
-        config.from_dict({"finetune": {"inputs": "cached", "unfreeze_from": 7, "freeze_batchnorm": False}})
+        config.from_dict({"finetune": {"inputs": "cached", "unfreeze_from": "block7", "freeze_batchnorm": False}})
 
 
 @pytest.mark.parametrize("inputs", ["live", "cached"])
@@ -40,7 +40,7 @@ def test_finetune_trains_only_the_unfrozen_blocks(world, tmp_path, inputs, calib
     raw = {name: config.load(SMOKE_CONFIG).section(name) for name in ("ingest", "augment", "model", "train_head", "evaluate")}
     raw["data"] = {"path": str(world["data"])}
     raw["model"]["weights"] = "imagenet"  # the calibrated stand-in: random weights make every gradient vanish
-    raw["finetune"] = {"epochs": 1, "batch_size": 4, "learning_rate": 0.01, "unfreeze_from": 12,
+    raw["finetune"] = {"epochs": 1, "batch_size": 4, "learning_rate": 0.01, "unfreeze_from": "block12",
                        "freeze_batchnorm": True, "inputs": inputs, "augmented_views": 1}
     runner = Runner(config.from_dict(raw), artifacts, options={"weights_dir": str(calibrated_weights_dir)})
     assert runner.run(["finetune"]) == ["augment", "train-head", "finetune"]

@@ -20,16 +20,40 @@ def test_classifier_shape_and_frozen_base(classifier):
     assert [w.name for w in classifier.trainable_weights] == ["logits/kernel:0", "logits/bias:0"]
 
 
-@pytest.mark.parametrize("block", [7, 12, 13])
+@pytest.mark.parametrize("block", ["block7", "block12", "block13"])
 def test_split_at_block_composes_to_the_classifier(classifier, block):
     rng = np.random.default_rng(0)
     x = rng.uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32)
-    lower, upper = models.split_at_block(classifier, block)
+    lower, upper = models.split_at(classifier, "mobilenet", block)
     np.testing.assert_allclose(upper.predict(lower.predict(x, verbose=0), verbose=0),
                                classifier.predict(x, verbose=0), atol=1e-6)
     # The upper part shares the classifier's layers: changing one changes the other.
     dense = upper.get_layer("logits")
     assert dense is classifier.get_layer("logits")
+
+
+@pytest.mark.parametrize("backbone, cut", [("efficientnet_lite0", "block2b"), ("efficientnet_lite0", "block6a"),
+                                           ("efficientnet_lite0", "top"), ("mobilenet_v2", "block_3"),
+                                           ("mobilenet_v2", "block_16")])
+def test_split_inside_a_residual_network_composes_to_the_classifier(backbone, cut):
+    """A cut just before a residual block: its input feeds both the block and the skip connection."""
+    model = models.build_classifier(ModelConfig(backbone=backbone, image_size=32, weights=None), 3)
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+    lower, upper = models.split_at(model, backbone, cut)
+    np.testing.assert_allclose(upper.predict(lower.predict(x, verbose=0), verbose=0), model.predict(x, verbose=0),
+                               atol=1e-5)
+    frozen = {layer.name for layer in lower.layers}
+    trained = {layer.name for layer in upper.get_layer("trained_blocks").layers}
+    assert not (frozen & trained) - {lower.layers[0].name}
+
+
+def test_backbone_runs_in_inference_mode_even_when_trainable():
+    """The classifier calls its backbone with training=False: BatchNorm keeps its moving statistics."""
+    model = models.build_classifier(ModelConfig(backbone="efficientnet_lite0", image_size=32, weights=None), 3)
+    models.backbone_of(model).trainable = True
+    x = np.random.default_rng(0).uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32)
+    features = models.feature_extractor(model)  # the head's Dropout does obey training=True
+    np.testing.assert_allclose(features(x, training=True).numpy(), features(x, training=False).numpy(), atol=1e-6)
 
 
 def test_head_weights_copy_into_the_classifier(classifier):

@@ -106,7 +106,7 @@ def test_resolved_config_written_beside_outputs(world):
 
     resolved = yaml.safe_load((world["artifacts"] / "finetune" / "config.yaml").read_text())
     assert set(resolved) == {"model", "finetune"}
-    assert resolved["finetune"]["unfreeze_from"] == 12
+    assert resolved["finetune"]["unfreeze_from"] == "block12"
 
 
 def test_atomic_write_keeps_old_file_on_error(tmp_path):

@@ -1,5 +1,7 @@
-"""training.fit: the best epoch is kept, the history has the learning rate, and the time budget stops training."""
+"""training.fit: the best epoch is kept, the history has the learning rate, schedules and label smoothing take
+effect, and the time budget stops training."""
 import csv
+import math
 
 import numpy as np
 
@@ -19,7 +21,7 @@ def test_fit_writes_history_with_learning_rate_and_keeps_the_best(tmp_path):
     files = TrainFiles(tmp_path)
     head = models.build_head(ModelConfig(), 3, 8)
     section = FinetuneConfig(epochs=4, batch_size=16, learning_rate=0.01, patience=4)
-    summary = training.fit(head, data(), data(seed=1), section, files, section.learning_rate, reduce_lr=True)
+    summary = training.fit(head, data(), data(seed=1), section, files)
     rows = list(csv.DictReader(open(files.history)))
     assert len(rows) == summary["epochs_run"] == 4
     assert {"loss", "accuracy", "val_loss", "val_accuracy", "lr"} <= set(rows[0])
@@ -31,5 +33,43 @@ def test_fit_writes_history_with_learning_rate_and_keeps_the_best(tmp_path):
 def test_time_budget_stops_after_the_epoch_that_crosses_it(tmp_path):
     head = models.build_head(ModelConfig(), 3, 8)
     section = TrainHeadConfig(epochs=50, batch_size=16, learning_rate=0.01, patience=50, max_minutes=1e-6)
-    summary = training.fit(head, data(), data(seed=1), section, TrainFiles(tmp_path), section.learning_rate)
+    summary = training.fit(head, data(), data(seed=1), section, TrainFiles(tmp_path))
     assert summary["stopped_by_time_budget"] and summary["epochs_run"] == 1
+
+
+def test_cosine_schedule_warms_up_then_decays_to_min_lr():
+    section = FinetuneConfig(epochs=6, learning_rate=1e-3, min_lr=1e-5, schedule="cosine", warmup_epochs=1)
+    rates = [training.learning_rate_at(e, section) for e in range(6)]
+    assert rates[0] == 1e-3 / 2  # warm-up epoch 1 of 1: half the peak
+    assert rates[1] == 1e-3  # the peak right after warm-up
+    assert math.isclose(rates[-1], 1e-5)  # min_lr at the last epoch
+    mid = 1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * 2 / 4))  # epoch 3: 2 of 4 decay steps
+    assert math.isclose(rates[3], mid)
+    assert all(a > b for a, b in zip(rates[1:], rates[2:]))
+
+
+def test_cosine_schedule_is_what_fit_uses(tmp_path):
+    files = TrainFiles(tmp_path)
+    section = FinetuneConfig(epochs=3, batch_size=16, learning_rate=0.01, min_lr=0.001, schedule="cosine",
+                             patience=5)
+    training.fit(models.build_head(ModelConfig(), 3, 8), data(), data(seed=1), section, files)
+    rows = list(csv.DictReader(open(files.history)))
+    for e, row in enumerate(rows):
+        assert math.isclose(float(row["lr"]), training.learning_rate_at(e, section), rel_tol=1e-5)
+
+
+def test_label_smoothing_reaches_the_loss(tmp_path):
+    """With all weights zero every class gets probability 1/3, so the loss is ln 3 with or without smoothing;
+    after one epoch on separable data the smoothed loss stays higher (its targets are never 0 or 1)."""
+    losses = {}
+    for smoothing in (0.0, 0.5):
+        head = models.build_head(ModelConfig(l2=0.0, dropout=0.0), 3, 8)
+        section = TrainHeadConfig(epochs=3, batch_size=16, learning_rate=0.05, label_smoothing=smoothing,
+                                  patience=5)
+        training.fit(head, data(), data(seed=1), section, TrainFiles(tmp_path / str(smoothing)))
+        rows = list(csv.DictReader(open(TrainFiles(tmp_path / str(smoothing)).history)))
+        losses[smoothing] = float(rows[-1]["loss"])
+    # cross-entropy against targets (1 - 0.5 + 0.5/3, 0.5/3, 0.5/3) is at least its entropy, 0.87 nats
+    p = [1 - 0.5 + 0.5 / 3, 0.5 / 3, 0.5 / 3]
+    assert losses[0.5] >= -sum(q * math.log(q) for q in p) - 1e-3
+    assert losses[0.0] < losses[0.5]

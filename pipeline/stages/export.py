@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import fileio, models
-from pipeline.backbones import BACKBONES
+from pipeline.backbones import BACKBONES, alpha_of
 from pipeline.errors import ExportError
 from pipeline.exporters import FORMATS, ExportMeta
 from pipeline.images import load_array
@@ -25,14 +25,14 @@ def export_meta(cfg, classes, metrics, ingest_report):
         labels=classes, image_size=cfg.model.image_size, scale=backbone.input_scale, bias=backbone.input_bias,
         author=cfg.export.author, license=cfg.export.license,
         description=f"{cfg.export.description} Classes: {len(classes)}.", version=cfg.export.version,
-        user={"backbone": f"{cfg.model.backbone} alpha {cfg.model.alpha} (ImageNet weights: {cfg.model.weights})",
+        user={"backbone": f"{cfg.model.backbone} alpha {alpha_of(cfg.model)} (ImageNet weights: {cfg.model.weights})",
               "image_size": cfg.model.image_size,
               "test_accuracy": f"{metrics['accuracy']:.4f}",
               "test_images": metrics["test_images"],
               # the folder's name, not its path: a shipped model should not carry the developer's file system
               "dataset": f"{Path(ingest_report['source']).name} ({ingest_report['images']})",
               "training": f"head {cfg.train_head.features} features, lr {cfg.train_head.learning_rate}; "
-                          f"finetune {cfg.finetune.epochs} epochs from block {cfg.finetune.unfreeze_from}, "
+                          f"finetune {cfg.finetune.epochs} epochs from {cfg.finetune.unfreeze_from}, "
                           f"lr {cfg.finetune.learning_rate}",
               "classes": len(classes)})
 

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from pipeline import models, training
-from pipeline.augmentation import one_hot, predict_views, split_batches, view_specs
+from pipeline.activations import CachedBatches, cache_split, cache_views, view_specs
+from pipeline.augmentation import split_batches
 from pipeline.errors import ConfigError
 from pipeline.stages.ingest import read_classes, read_index
 
@@ -21,19 +22,23 @@ def run(ctx):
     classes = read_classes(ingest)
     check_batch_size("train_head", batch, len(read_index(ingest, "train")))
     model = models.build_classifier(cfg.model, len(classes), ctx.options.get("weights_dir"))
-    val = split_batches(ingest, augment, "val", size, batch)
     if section.features == "live":
         train = split_batches(ingest, augment, "train", size, batch, augment=True, shuffle=True, seed=section.seed)
-        summary = training.fit(model, train, val, section, out, section.learning_rate)
+        val = split_batches(ingest, augment, "val", size, batch)
+        summary = training.fit(model, train, val, section, out)
         how = "live augmentation"
     else:
         extractor = models.feature_extractor(model)
         views = view_specs(section.flip_view, section.augmented_views)
-        x, y = predict_views(extractor, ingest, augment, size, batch, views, section.seed)
-        val_x = extractor.predict(val, verbose=training.keras_verbose(predict=True))
+        x, y = cache_views(extractor, ingest, augment, size, batch, views, section.seed, out.cache("train"))
+        val_x, val_y = cache_split(extractor, ingest, augment, "val", size, batch, out.cache("val"))
         head = models.build_head(cfg.model, len(classes), x.shape[1])
-        summary = training.fit(head, (x, one_hot(y, len(classes))), (val_x, one_hot(val.labels, len(classes))),
-                               section, out, section.learning_rate, shuffle=True)
+        train = CachedBatches(x, y, len(classes), batch, shuffle=True, seed=section.seed, n_views=len(views),
+                              views_per_epoch=section.views_per_epoch)
+        summary = training.fit(head, train, CachedBatches(val_x, val_y, len(classes), batch), section, out)
+        for array in (x, val_x):
+            array.close()
+            array.path.unlink()
         models.copy_head(head, model)
         how = f"cached features of {len(views)} view(s) of each training image"
     models.save(model, out.model)

@@ -1,0 +1,93 @@
+"""Cached activations: written batch by batch to .npy, read back by rows, and drawn per epoch from a bank of views."""
+import numpy as np
+import pytest
+
+from pipeline.activations import ArrayFile, CachedBatches, view_specs, write_outputs
+
+
+def test_array_file_reads_rows_in_any_order(tmp_path):
+    a = np.random.default_rng(0).normal(size=(10, 3, 4)).astype(np.float16)
+    np.save(tmp_path / "a.npy", a)
+    f = ArrayFile(tmp_path / "a.npy")
+    assert f.shape == (10, 3, 4) and f.dtype == np.float16 and f.nbytes == a.nbytes
+    np.testing.assert_array_equal(f.rows([7, 0, 7, 3]), a[[7, 0, 7, 3]])
+    head = f.first(4)
+    assert len(head) == 4 and len(f) == 10
+    np.testing.assert_array_equal(head.rows([3, 1]), a[[3, 1]])
+    f.close()
+
+
+class _Batches:
+    """Stands in for ImageBatches: a few (images, one-hot labels) batches."""
+
+    def __init__(self, x, labels, batch_size):
+        self.x, self.labels, self.batch_size = x, labels, batch_size
+        self.paths = list(range(len(x)))
+
+    def __len__(self):
+        return -(-len(self.x) // self.batch_size)
+
+    def __getitem__(self, i):
+        s = slice(i * self.batch_size, (i + 1) * self.batch_size)
+        return self.x[s], np.eye(3, dtype=np.float32)[self.labels[s]]
+
+
+def test_write_outputs_concatenates_every_source_in_order(tmp_path):
+    import tf_keras as keras
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(5, 4)).astype(np.float32), rng.normal(size=(3, 4)).astype(np.float32)
+    la, lb = np.array([0, 1, 2, 0, 1]), np.array([2, 2, 0])
+    array, labels = write_outputs(model, [("a", _Batches(a, la, 2)), ("b", _Batches(b, lb, 2))],
+                                  tmp_path / "out.npy", "float32")
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), model.predict(np.concatenate([a, b]), verbose=0),
+                               atol=1e-6)
+    np.testing.assert_array_equal(labels, np.concatenate([la, lb]))
+    assert array.shape == (8, 2)
+
+
+def _bank(tmp_path, n_images=6, n_views=3):
+    # row v * n_images + i holds the value 10 * v + i: view v of image i
+    values = np.array([[10 * v + i] for v in range(n_views) for i in range(n_images)], np.float32)
+    np.save(tmp_path / "bank.npy", values)
+    labels = np.tile(np.arange(n_images) % 3, n_views)
+    return ArrayFile(tmp_path / "bank.npy"), labels
+
+
+def test_all_views_every_epoch_by_default(tmp_path):
+    array, labels = _bank(tmp_path)
+    batches = CachedBatches(array, labels, 3, 4, shuffle=True, n_views=3)
+    seen = np.concatenate([batches[i][0][:, 0] for i in range(len(batches))])
+    assert sorted(seen) == sorted(10 * v + i for v in range(3) for i in range(6))
+
+
+@pytest.mark.parametrize("per_epoch", [1, 2])
+def test_views_per_epoch_takes_that_many_distinct_views_of_every_image(tmp_path, per_epoch):
+    array, labels = _bank(tmp_path)
+    batches = CachedBatches(array, labels, 3, 4, shuffle=True, seed=1, n_views=3, views_per_epoch=per_epoch)
+    epochs = []
+    for _ in range(6):
+        rows = [(batches[i][0][:, 0], batches[i][1].argmax(1)) for i in range(len(batches))]
+        values = np.concatenate([r[0] for r in rows]).astype(int)
+        classes = np.concatenate([r[1] for r in rows])
+        np.testing.assert_array_equal(classes, (values % 10) % 3)  # labels travel with their rows
+        images, views = values % 10, values // 10
+        assert sorted(images) == sorted(list(range(6)) * per_epoch)
+        for i in range(6):
+            assert len(set(views[images == i])) == per_epoch
+        epochs.append(tuple(sorted(values)))
+        batches.on_epoch_end()
+    assert len(set(epochs)) > 1  # drawn afresh each epoch
+
+
+def test_rows_must_divide_into_views(tmp_path):
+    array, labels = _bank(tmp_path, n_images=5, n_views=2)
+    with pytest.raises(ValueError, match="do not divide into 3 views"):
+        CachedBatches(array, labels, 3, 4, n_views=3)
+
+
+def test_view_specs():
+    assert [name for name, _ in view_specs(True, 2)] == ["original", "mirrored", "augmented view 1",
+                                                         "augmented view 2"]
+    assert view_specs(False, 0) == [("original", {})]
