@@ -39,6 +39,13 @@ class IngestConfig:
     max_image_pixels: larger images are rejected as absurd (decompression bombs, scans).
     max_file_mb: larger files are rejected without being decoded.
     imbalance_ratio: a class with fewer than this fraction of the largest class's images gets a warning.
+    max_archive_gb: a dataset archive may unpack to at most this many GB (the snacks zip: 0.11).
+    max_compression_ratio: a dataset archive may unpack to at most this many times its own size (photos barely
+        compress: the snacks zip unpacks to 1.02 times its size; an archive bomb to 1000 times and more). Both
+        limits are checked from the archive's headers before unpacking and enforced while unpacking.
+    follow_symlinks: also read symbolic links that lead outside the dataset folder; by default they are listed
+        and skipped. Links that stay inside the dataset folder are followed (those to a folder within a class
+        folder are listed, not followed).
     """
 
     val_ratio: float = 0.15
@@ -48,6 +55,9 @@ class IngestConfig:
     max_image_pixels: int = 50_000_000
     max_file_mb: float = 50.0
     imbalance_ratio: float = 0.5
+    max_archive_gb: float = 10.0
+    max_compression_ratio: float = 100.0
+    follow_symlinks: bool = False
 
     def validate(self):
         _check("ingest.val_ratio", self.val_ratio, 0 < self.val_ratio < 1, "a number in (0, 1)")
@@ -57,6 +67,9 @@ class IngestConfig:
         _check("ingest.max_image_pixels", self.max_image_pixels, self.max_image_pixels > 0, "a positive integer")
         _check("ingest.max_file_mb", self.max_file_mb, self.max_file_mb > 0, "a positive number")
         _check("ingest.imbalance_ratio", self.imbalance_ratio, 0 <= self.imbalance_ratio <= 1, "a number in [0, 1]")
+        _check("ingest.max_archive_gb", self.max_archive_gb, self.max_archive_gb > 0, "a positive number")
+        _check("ingest.max_compression_ratio", self.max_compression_ratio, self.max_compression_ratio >= 1,
+               "a number >= 1")
 
 
 @dataclass(frozen=True)

@@ -1,20 +1,24 @@
 """Core ML on Linux: compute a neural-network `.mlmodel` spec's outputs in NumPy, layer by layer.
 
 Core ML itself runs only on Apple OSes, so this module reads the spec with coremltools and evaluates it the way
-NeuralNetwork.proto defines each layer. Images go in as decoded RGB pixels (0-255), and the spec's own image
-preprocessing (colour order, channel scale, per-channel biases) is applied: nothing is taken from our config.
-A layer type, option or weight encoding this module does not implement raises `CannotVerify`, never a guess.
+NeuralNetwork.proto defines each layer. Images go in as decoded pixels (0-255): RGB for RGB and BGR inputs, one
+gray channel for grayscale ones. The spec's own image preprocessing (colour order, channel scale, per-channel
+biases) is applied: nothing is taken from our config. A layer type, option, weight encoding or input shape this
+module does not implement raises `CannotVerify`, never a guess.
 
 Tensors carry one extra leading axis: the images of a batch, each evaluated as its own Core ML prediction of
-batch size 1. So Core ML axis `a` is NumPy axis `a + 1` (negative axes are the same in both).
+batch size 1. So Core ML axis `a` is NumPy axis `a + 1`, and a tensor's Core ML rank is its `ndim - 1`. Core ML
+has no rank-0 tensors: a result with every axis removed has shape (1,).
 """
 from __future__ import annotations
+
+from typing import Callable, NamedTuple
 
 import numpy as np
 
 from pipeline.errors import ExportError
 
-RGB, BGR = 20, 10  # ImageFeatureType.ColorSpace
+GRAYSCALE, RGB, BGR = 10, 20, 30  # ImageFeatureType.ColorSpace (FeatureTypes.proto)
 
 
 class CannotVerify(ExportError):
@@ -30,7 +34,12 @@ def network(spec):
 
 
 def image_tensors(spec, pixels):
-    """The network's input tensors for decoded RGB pixels (N, H, W, 3, 0-255), as Core ML would build them."""
+    """The network's input tensors for decoded pixels (0-255), as Core ML would build them.
+
+    pixels: (N, H, W, 3) RGB for RGB and BGR inputs; (N, H, W) or (N, H, W, 1) gray levels for grayscale inputs.
+    RGB pixels for a grayscale input raise CannotVerify: Core ML takes a one-channel image, and the RGB-to-gray
+    conversion is done by whatever hands it the image (Vision, Core Image), with a formula the spec does not hold.
+    """
     nn = network(spec)
     pixels = np.asarray(pixels, dtype=np.float32)
     scalers = {p.featureName: p for p in nn.preprocessing}
@@ -40,41 +49,59 @@ def image_tensors(spec, pixels):
             raise CannotVerify(f"cannot verify: input '{feature.name}' is {feature.type.WhichOneof('Type')}, "
                                "only image inputs are implemented")
         image = feature.type.imageType
-        if pixels.shape[1:] != (image.height, image.width, 3):
-            raise ExportError(f"input '{feature.name}' takes {image.width}x{image.height} RGB images, "
-                              f"got pixels of shape {pixels.shape[1:]}")
-        if image.colorSpace not in (RGB, BGR):
-            raise CannotVerify(f"cannot verify: input '{feature.name}' colour space {image.colorSpace}")
-        x = pixels if image.colorSpace == RGB else pixels[..., ::-1]
-        x = x.transpose(0, 3, 1, 2)  # NHWC -> N, C, H, W
+        x = _channels_first(feature.name, image, pixels)
         step = scalers.get(feature.name)
         if step is not None:
-            if step.WhichOneof("preprocessor") != "scaler":
-                raise CannotVerify(f"cannot verify: preprocessing {step.WhichOneof('preprocessor')} of "
-                                   f"'{feature.name}'")
-            s = step.scaler
-            first, last = (s.redBias, s.blueBias) if image.colorSpace == RGB else (s.blueBias, s.redBias)
-            x = x * np.float32(s.channelScale or 1.0) + np.array([first, s.greenBias, last],
-                                                                 dtype=np.float32)[:, None, None]
+            x = _scaled(feature.name, image.colorSpace, x, step)
         shape = (1,) if nn.imageInputShapeMapping == 1 else (1, 1)  # RANK4 [1,C,H,W] or RANK5 [1,1,C,H,W]
         tensors[feature.name] = x.reshape((len(x), *shape, *x.shape[1:])).astype(np.float32)
     return tensors
 
 
+def _channels_first(name, image, pixels):
+    """The pixels as (N, C, H, W) in the input's channel order: gray, R G B, or B G R."""
+    size = (image.height, image.width)
+    if image.colorSpace == GRAYSCALE:
+        if pixels.shape[1:] == (*size, 3):
+            raise CannotVerify(f"cannot verify: input '{name}' is a grayscale image and the pixels are RGB; give "
+                               "one channel, (N, H, W) or (N, H, W, 1): how RGB becomes gray is up to the caller "
+                               "of Core ML (Vision, Core Image), not the spec")
+        if pixels.shape[1:] not in (size, (*size, 1)):
+            raise ExportError(f"input '{name}' takes {image.width}x{image.height} grayscale images (one channel), "
+                              f"got pixels of shape {pixels.shape[1:]}")
+        return pixels.reshape(len(pixels), 1, *size)
+    if image.colorSpace not in (RGB, BGR):
+        raise CannotVerify(f"cannot verify: input '{name}' colour space {image.colorSpace}")
+    if pixels.shape[1:] != (*size, 3):
+        raise ExportError(f"input '{name}' takes {image.width}x{image.height} RGB images, "
+                          f"got pixels of shape {pixels.shape[1:]}")
+    x = pixels if image.colorSpace == RGB else pixels[..., ::-1]
+    return x.transpose(0, 3, 1, 2)
+
+
+def _scaled(name, color_space, x, step):
+    """x (N, C, H, W) after the input's scaler: channelScale * x plus each channel's bias, named by its colour."""
+    if step.WhichOneof("preprocessor") != "scaler":
+        raise CannotVerify(f"cannot verify: preprocessing {step.WhichOneof('preprocessor')} of '{name}'")
+    s = step.scaler
+    biases = {GRAYSCALE: [s.grayBias], RGB: [s.redBias, s.greenBias, s.blueBias],
+              BGR: [s.blueBias, s.greenBias, s.redBias]}[color_space]
+    return x * np.float32(s.channelScale or 1.0) + np.array(biases, dtype=np.float32)[:, None, None]
+
+
 def run(spec, pixels, outputs, batch_size=16):
-    """The named blobs of the network for RGB pixels (N, H, W, 3), computed in batches: {blob name: array}."""
+    """The named blobs of the network for pixels (see `image_tensors`), computed in batches: {blob name: array}."""
     nn = network(spec)
     last_use = {name: i for i, layer in enumerate(nn.layers) for name in layer.input}
     results = {name: [] for name in outputs}
     for start in range(0, len(pixels), batch_size):
         blobs = image_tensors(spec, pixels[start:start + batch_size])
         for i, layer in enumerate(nn.layers):
-            kind = layer.WhichOneof("layer")
-            compute = _LAYERS.get(kind)
-            if compute is None:
-                raise CannotVerify(f"cannot verify: layer '{layer.name}' of type {kind} is not implemented")
-            values = compute(getattr(layer, kind), [blobs[name] for name in layer.input], layer.name)
-            for name, value in zip(layer.output, values if isinstance(values, list) else [values]):
+            missing = [name for name in layer.input if name not in blobs]
+            if missing:
+                raise ExportError(f"layer '{layer.name}' reads {missing}, which no input or earlier layer computes")
+            values = _compute(layer, [blobs[name] for name in layer.input])
+            for name, value in zip(layer.output, values):
                 blobs[name] = value.astype(np.float32, copy=False)
             for name in set(layer.input) - set(outputs):
                 if last_use[name] == i:
@@ -84,6 +111,55 @@ def run(spec, pixels, outputs, batch_size=16):
                 raise ExportError(f"the network computes no blob named '{name}'")
             results[name].append(blobs[name])
     return {name: np.concatenate(parts) for name, parts in results.items()}
+
+
+def _compute(layer, inputs):
+    """One layer's output arrays, once its type, the fields it sets and its inputs are known to be implemented."""
+    kind = layer.WhichOneof("layer")
+    if kind not in _LAYERS:
+        raise CannotVerify(f"cannot verify: layer '{layer.name}' of type {kind} is not implemented")
+    compute, fields, (fewest, most) = _LAYERS[kind]
+    params = getattr(layer, kind)
+    unknown = _unimplemented(params, fields)
+    if unknown:
+        raise CannotVerify(f"cannot verify: layer '{layer.name}' ({kind}) sets {', '.join(unknown)}, "
+                           "which this checker does not implement")
+    if len(inputs) < fewest or (most is not None and len(inputs) > most):
+        raise CannotVerify(f"cannot verify: layer '{layer.name}' ({kind}) has {len(inputs)} inputs, it takes "
+                           f"{_between(fewest, most)}")
+    _check_declared_ranks(layer.name, "input", layer.inputTensor, inputs)
+    try:
+        values = compute(params, inputs, layer.name)
+    except (ValueError, IndexError) as error:  # shapes NumPy cannot combine: the spec and our shape rules disagree
+        raise CannotVerify(f"cannot verify: layer '{layer.name}' ({kind}): {error}") from error
+    values = values if isinstance(values, list) else [values]
+    if len(values) != len(layer.output):
+        raise CannotVerify(f"cannot verify: layer '{layer.name}' ({kind}) names {len(layer.output)} outputs, "
+                           f"it computes {len(values)}")
+    _check_declared_ranks(layer.name, "output", layer.outputTensor, values)
+    return values
+
+
+def _unimplemented(message, known, prefix=""):
+    """Dotted names of the fields `message` sets that are not `known`; a known name covers all its sub-fields."""
+    found = []
+    for field, value in message.ListFields():
+        name = prefix + field.name
+        if name in known:
+            continue
+        if hasattr(value, "ListFields") and any(k.startswith(name + ".") for k in known):  # a singular message
+            found += _unimplemented(value, known, name + ".")
+        else:
+            found.append(name)
+    return found
+
+
+def _check_declared_ranks(layer, what, declared, arrays):
+    # only the rank: coremltools' builder stores target-shape codes (0, -1) in some layers' dimValue
+    for i, (tensor, x) in enumerate(zip(declared, arrays)):
+        if tensor.rank and tensor.rank != x.ndim - 1:
+            raise CannotVerify(f"cannot verify: layer '{layer}' declares {what} {i} of rank {tensor.rank}, "
+                               f"the checker has shape {x.shape[1:]}")
 
 
 def class_labels(spec):
@@ -96,7 +172,7 @@ def class_labels(spec):
 
 
 def class_probabilities(spec, pixels, batch_size=16):
-    """A classifier's (labels, probabilities (N, classes)) for RGB pixels, labels in the spec's own order."""
+    """A classifier's (labels, probabilities (N, classes)) for pixels (see `image_tensors`), labels in spec order."""
     nn = network(spec)
     labels = class_labels(spec)
     blob = nn.labelProbabilityLayerName or nn.layers[-1].output[0]
@@ -122,6 +198,11 @@ def weights(params, shape, layer):
     return values.reshape(shape)
 
 
+def _stored_count(params):
+    """How many values a WeightParams holds (counting 8-bit quantized values, the only ones implemented)."""
+    return len(params.floatValue) or len(params.float16Value) // 2 or len(params.rawValue) or len(params.int8RawValue)
+
+
 def _dequantize(params, count, layer):
     q = params.quantization
     if q.numberOfBits != 8:
@@ -142,8 +223,52 @@ def _dequantize(params, count, layer):
 
 # -- layers: each takes (params, input arrays, layer name) and returns an array or a list of arrays ---------
 
-def _pair(values, default):
-    return tuple(int(v) for v in values) if len(values) else default
+def _need_rank(x, layer, fewest, most=None):
+    """x, if its Core ML rank is in [fewest, most]."""
+    rank = x.ndim - 1
+    if rank < fewest or (most is not None and rank > most):
+        raise CannotVerify(f"cannot verify: layer '{layer}' takes an input of rank {_between(fewest, most)}, "
+                           f"got shape {x.shape[1:]}")
+    return x
+
+
+def _between(fewest, most):
+    return f"{fewest}" if most == fewest else f"{fewest} or more" if most is None else f"{fewest} to {most}"
+
+
+def _axis(axis, rank, layer):
+    """The NumPy axis (>= 1) of Core ML axis `axis` (negative ones count from the end) of a rank `rank` tensor."""
+    if not -rank <= axis < rank:
+        raise CannotVerify(f"cannot verify: layer '{layer}' uses axis {axis} of a rank {rank} tensor")
+    return axis % rank + 1
+
+
+def _at_least_rank_1(x):
+    return x.reshape(len(x), 1) if x.ndim == 1 else x
+
+
+def _same_rank(a, b):
+    """a and b with the lower-rank one's Core ML shape padded with 1s on the left (after our batch axis)."""
+    if a.ndim == b.ndim:
+        return a, b
+    short, long_ = (a, b) if a.ndim < b.ndim else (b, a)
+    short = short.reshape(len(short), *(1,) * (long_.ndim - short.ndim), *short.shape[1:])
+    return (short, long_) if a.ndim < b.ndim else (long_, short)
+
+
+def _same_ranks(inputs, layer):
+    if len({x.ndim for x in inputs}) > 1:
+        raise CannotVerify(f"cannot verify: layer '{layer}' takes inputs of one rank, got shapes "
+                           f"{[x.shape[1:] for x in inputs]}")
+    return inputs
+
+
+def _pair(values, default, name, layer):
+    if len(values) == 0:
+        return default
+    if len(values) != 2 or min(values) < 1:
+        raise CannotVerify(f"cannot verify: layer '{layer}' has {name} {list(values)} (two positive sizes, [H, W])")
+    return tuple(int(v) for v in values)
 
 
 def _window_padding(params, oneof, in_hw, kernel, stride, layer):
@@ -151,17 +276,24 @@ def _window_padding(params, oneof, in_hw, kernel, stride, layer):
     kind = params.WhichOneof(oneof)
     if kind == "valid" or kind is None:
         amounts = params.valid.paddingAmounts.borderAmounts
-        if len(amounts) == 0:
-            return (0, 0), (0, 0)
-        return tuple((int(a.startEdgeSize), int(a.endEdgeSize)) for a in amounts)
-    if kind == "same":
-        pads = []
-        for size, k, s in zip(in_hw, kernel, stride):
-            total = max(0, (-(-size // s) - 1) * s + k - size)
-            small = total // 2
-            pads.append((small, total - small) if params.same.asymmetryMode == 0 else (total - small, small))
-        return tuple(pads)
-    raise CannotVerify(f"cannot verify: layer '{layer}' uses {kind} padding")
+        if len(amounts) not in (0, 2):
+            raise CannotVerify(f"cannot verify: layer '{layer}' has {len(amounts)} border amounts, not [H, W]")
+        return tuple((int(a.startEdgeSize), int(a.endEdgeSize)) for a in amounts) or ((0, 0), (0, 0))
+    if params.same.asymmetryMode not in (0, 1):
+        raise CannotVerify(f"cannot verify: layer '{layer}' has same-padding mode {params.same.asymmetryMode}")
+    pads = []
+    for size, k, s in zip(in_hw, kernel, stride):
+        total = max(0, (-(-size // s) - 1) * s + k - size)
+        small = total // 2
+        pads.append((small, total - small) if params.same.asymmetryMode == 0 else (total - small, small))
+    return tuple(pads)
+
+
+def _check_window(hw, pads, span, layer):
+    padded = [n + before + after for n, (before, after) in zip(hw, pads)]
+    if any(n < s for n, s in zip(padded, span)):
+        raise CannotVerify(f"cannot verify: layer '{layer}' has a {span[0]}x{span[1]} window over a padded "
+                           f"{padded[0]}x{padded[1]} input")
 
 
 def _windows(x, kernel, stride, dilation=(1, 1)):
@@ -172,19 +304,21 @@ def _windows(x, kernel, stride, dilation=(1, 1)):
 
 
 def _convolution(p, inputs, layer):
-    if p.isDeconvolution or len(inputs) != 1:
-        raise CannotVerify(f"cannot verify: layer '{layer}' is a deconvolution or takes its weights as an input")
-    x = inputs[0]
-    kernel, stride = _pair(p.kernelSize, (3, 3)), _pair(p.stride, (1, 1))
-    dilation, groups = _pair(p.dilationFactor, (1, 1)), int(p.nGroups or 1)
-    w = weights(p.weights, (p.outputChannels, p.kernelChannels, *kernel), layer)
+    x = _need_rank(inputs[0], layer, 4)
+    kernel, stride = _pair(p.kernelSize, (3, 3), "kernelSize", layer), _pair(p.stride, (1, 1), "stride", layer)
+    dilation, groups = _pair(p.dilationFactor, (1, 1), "dilationFactor", layer), int(p.nGroups or 1)
     lead, (c, h, wid) = x.shape[:-3], x.shape[-3:]
+    if c != p.kernelChannels * groups or p.outputChannels % groups or not p.outputChannels:
+        raise CannotVerify(f"cannot verify: layer '{layer}' gets {c} input channels, its {p.outputChannels} kernels "
+                           f"take kernelChannels {p.kernelChannels} x nGroups {groups}")
+    w = weights(p.weights, (p.outputChannels, p.kernelChannels, *kernel), layer)
     x = x.reshape(-1, c, h, wid)
     span = tuple((k - 1) * d + 1 for k, d in zip(kernel, dilation))
     (top, bottom), (left, right) = _window_padding(p, "ConvolutionPaddingType", (h, wid), span, stride, layer)
+    _check_window((h, wid), ((top, bottom), (left, right)), span, layer)
     if top or bottom or left or right:
         x = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
-    if groups == c and p.kernelChannels == 1 and p.outputChannels == c:  # depthwise: 9 shifted products
+    if groups == c and p.outputChannels == c:  # depthwise: 9 shifted products
         out_hw = [(n - s_) // st + 1 for n, s_, st in zip(x.shape[2:], span, stride)]
         y = np.zeros((len(x), c, *out_hw), dtype=np.float32)
         for i in range(kernel[0]):
@@ -206,19 +340,18 @@ def _convolution(p, inputs, layer):
 
 
 def _pooling(p, inputs, layer):
-    x = inputs[0]
+    x = _need_rank(inputs[0], layer, 4)
+    if p.type not in (0, 1):
+        raise CannotVerify(f"cannot verify: layer '{layer}' uses pooling type {p.type} (L2 or unknown)")
     if p.globalPooling:
         kernel, stride, pads = x.shape[-2:], (1, 1), ((0, 0), (0, 0))
     else:
-        kernel, stride = _pair(p.kernelSize, (3, 3)), _pair(p.stride, (1, 1))
-        if p.WhichOneof("PoolingPaddingType") == "includeLastPixel":
-            raise CannotVerify(f"cannot verify: layer '{layer}' uses includeLastPixel pooling padding")
+        kernel, stride = _pair(p.kernelSize, (3, 3), "kernelSize", layer), _pair(p.stride, (1, 1), "stride", layer)
         pads = _window_padding(p, "PoolingPaddingType", x.shape[-2:], kernel, stride, layer)
+        _check_window(x.shape[-2:], pads, kernel, layer)
     spec_pads = ((0, 0),) * (x.ndim - 2) + tuple(pads)
     if p.type == 0:  # MAX
         return _windows(np.pad(x, spec_pads, constant_values=-np.inf), kernel, stride).max(axis=(-2, -1))
-    if p.type != 1:
-        raise CannotVerify(f"cannot verify: layer '{layer}' uses L2 pooling")
     sums = _windows(np.pad(x, spec_pads), kernel, stride).sum(axis=(-2, -1))
     if p.avgPoolExcludePadding:
         counts = _windows(np.pad(np.ones(x.shape[-2:], np.float32), pads), kernel, stride).sum(axis=(-2, -1))
@@ -227,10 +360,14 @@ def _pooling(p, inputs, layer):
 
 
 def _padding(p, inputs, layer):
-    x = inputs[0]
+    x = _need_rank(inputs[0], layer, 2)
     amounts = [(int(a.startEdgeSize), int(a.endEdgeSize)) for a in p.paddingAmounts.borderAmounts] or [(0, 0)] * 2
-    pads = ((0, 0),) * (x.ndim - 2) + tuple(amounts)
     kind = p.WhichOneof("PaddingType")
+    if kind is None or len(amounts) != 2:
+        raise CannotVerify(f"cannot verify: layer '{layer}' has padding type {kind} and {len(amounts)} border amounts")
+    if kind == "reflection" and any(max(a) >= n for a, n in zip(amounts, x.shape[-2:])):
+        raise CannotVerify(f"cannot verify: layer '{layer}' reflects {amounts} rows/columns of a {x.shape[-2:]} input")
+    pads = ((0, 0),) * (x.ndim - 2) + tuple(amounts)
     if kind == "constant":
         return np.pad(x, pads, constant_values=p.constant.value)
     return np.pad(x, pads, mode={"reflection": "reflect", "replication": "edge"}[kind])
@@ -238,6 +375,8 @@ def _padding(p, inputs, layer):
 
 def _activation(p, inputs, layer):
     x, kind = inputs[0], p.WhichOneof("NonlinearityType")
+    if kind is None:
+        raise CannotVerify(f"cannot verify: layer '{layer}' sets no activation function")
     a = getattr(p, kind)
     if kind == "ReLU":
         return np.maximum(x, 0)
@@ -256,13 +395,14 @@ def _activation(p, inputs, layer):
     if kind == "ELU":
         return np.where(x >= 0, x, a.alpha * (np.exp(x) - 1))
     if kind == "thresholdedReLU":
-        return np.where(x > a.alpha, x, 0)
+        return np.where(x >= a.alpha, x, 0)
     if kind == "softsign":
         return x / (1 + np.abs(x))
     if kind == "softplus":
         return np.logaddexp(0, x)
     if kind == "PReLU":
-        alpha = weights(a.alpha, (x.shape[-3],), layer)
+        c = _need_rank(x, layer, 3).shape[-3]
+        alpha = weights(a.alpha, (1 if _stored_count(a.alpha) == 1 else c,), layer)  # one per channel, or shared
         return np.where(x >= 0, x, alpha[:, None, None] * x)
     raise CannotVerify(f"cannot verify: layer '{layer}' has activation {kind}")
 
@@ -283,51 +423,63 @@ def _clip(p, inputs, layer):
 
 
 def _batchnorm(p, inputs, layer):
-    if p.computeMeanVar:
-        raise CannotVerify(f"cannot verify: layer '{layer}' computes its mean and variance at run time")
+    x = _need_rank(inputs[0], layer, 3)
+    if x.shape[-3] != p.channels:
+        raise CannotVerify(f"cannot verify: layer '{layer}' has {p.channels} channels, its input shape {x.shape[1:]}")
     c = (int(p.channels),)
     gamma, beta, mean, var = (weights(getattr(p, n), c, layer) for n in ("gamma", "beta", "mean", "variance"))
     scale = gamma / np.sqrt(var + (p.epsilon or 1e-5))
-    return inputs[0] * scale[:, None, None] + (beta - mean * scale)[:, None, None]
+    return x * scale[:, None, None] + (beta - mean * scale)[:, None, None]
 
 
 def _inner_product(p, inputs, layer):
-    if p.int8DynamicQuantize:
-        raise CannotVerify(f"cannot verify: layer '{layer}' uses int8 dynamic quantization")
-    x = inputs[0]
-    w = weights(p.weights, (p.outputChannels, p.inputChannels), layer)
-    rank = x.ndim - 1
-    rows = x.reshape(len(x), -1, p.inputChannels) if rank <= 3 else \
-        x.reshape(len(x), *x.shape[1:rank - 2], p.inputChannels)
-    y = rows @ w.T
+    x = _need_rank(inputs[0], layer, 1, 5)
+    rank, c_in = x.ndim - 1, int(p.inputChannels)
+    # ranks 1-3 multiply the last axis; ranks 4 and 5 the last three, flattened: (.., C_in) -> (.., C_out, 1, 1)
+    rows = x if rank <= 3 else x.reshape(*x.shape[:-3], -1)
+    if rows.shape[-1] != c_in:
+        raise CannotVerify(f"cannot verify: layer '{layer}' has inputChannels {c_in}, its input has shape "
+                           f"{x.shape[1:]}")
+    y = rows @ weights(p.weights, (p.outputChannels, c_in), layer).T
     if p.hasBias:
         y = y + weights(p.bias, (p.outputChannels,), layer)
-    if rank == 1:
-        return y.reshape(len(x), -1)
-    if rank <= 3:
-        return y.reshape(*x.shape[:-1], -1)
-    return y.reshape(*y.shape, 1, 1)
+    return y if rank <= 3 else y[..., None, None]
 
 
 def _batched_matmul(p, inputs, layer):
-    if p.int8DynamicQuantize:
-        raise CannotVerify(f"cannot verify: layer '{layer}' uses int8 dynamic quantization")
     if len(inputs) == 2:
-        a, b = inputs
-        return (np.swapaxes(a, -1, -2) if p.transposeA else a) @ (np.swapaxes(b, -1, -2) if p.transposeB else b)
-    rows, cols = int(p.weightMatrixFirstDimension), int(p.weightMatrixSecondDimension)
-    y = inputs[0] @ weights(p.weights, (cols, rows), layer).T  # stored column-major: [X2, X1] row-major
+        return _matmul_of_inputs(p, *inputs, layer)
+    a, rows, cols = inputs[0], int(p.weightMatrixFirstDimension), int(p.weightMatrixSecondDimension)
+    if a.shape[-1] != rows:
+        raise CannotVerify(f"cannot verify: layer '{layer}' multiplies an input of shape {a.shape[1:]} by a "
+                           f"{rows}x{cols} weight matrix")
+    y = a @ weights(p.weights, (cols, rows), layer).T  # stored column-major: [X2, X1] row-major
     if p.hasBias:
         y = y + weights(p.bias, (cols,), layer)
     return y
 
 
+def _matmul_of_inputs(p, a, b, layer):
+    """a @ b by the proto's rules: rank-1 a is a row (1, D), rank-1 b a column (D, 1); the result stays rank >= 2."""
+    if p.hasBias:
+        raise CannotVerify(f"cannot verify: layer '{layer}' has a bias, which the proto defines for one input only")
+    if (p.transposeA and a.ndim == 2) or (p.transposeB and b.ndim == 2):
+        raise CannotVerify(f"cannot verify: layer '{layer}' transposes a rank-1 operand, which the proto leaves "
+                           "undefined")
+    a = a[:, None, :] if a.ndim == 2 else a
+    b = b[:, :, None] if b.ndim == 2 else b
+    a, b = _same_rank(np.swapaxes(a, -1, -2) if p.transposeA else a, np.swapaxes(b, -1, -2) if p.transposeB else b)
+    if a.shape[-1] != b.shape[-2]:
+        raise CannotVerify(f"cannot verify: layer '{layer}' multiplies {a.shape[-2:]} by {b.shape[-2:]} matrices")
+    return a @ b
+
+
 def _softmax(p, inputs, layer):
-    return _softmax_along(inputs[0], -3)
+    return _softmax_along(_need_rank(inputs[0], layer, 3), -3)
 
 
 def _softmax_nd(p, inputs, layer):
-    return _softmax_along(inputs[0], _axis(p.axis))
+    return _softmax_along(inputs[0], _axis(p.axis, inputs[0].ndim - 1, layer))
 
 
 def _softmax_along(x, axis):
@@ -335,24 +487,27 @@ def _softmax_along(x, axis):
     return e / e.sum(axis=axis, keepdims=True)
 
 
-def _axis(axis):
-    return axis + 1 if axis >= 0 else axis
-
-
 def _reduction(function):
     def compute(p, inputs, layer):
         x = inputs[0]
-        axes = tuple(range(1, x.ndim)) if p.reduceAll else tuple(_axis(a) for a in p.axes)
-        return function(x, axis=axes, keepdims=p.keepDims)
+        if not p.reduceAll and not p.axes:
+            raise CannotVerify(f"cannot verify: layer '{layer}' sets neither axes nor reduceAll")
+        axes = range(1, x.ndim) if p.reduceAll else [_axis(a, x.ndim - 1, layer) for a in p.axes]
+        return _at_least_rank_1(function(x, axis=tuple(axes), keepdims=p.keepDims))
     return compute
 
 
 def _transpose(p, inputs, layer):
-    return inputs[0].transpose(0, *(a + 1 for a in p.axes))
+    x = inputs[0]
+    if sorted(p.axes) != list(range(x.ndim - 1)):
+        raise CannotVerify(f"cannot verify: layer '{layer}' permutes axes {list(p.axes)} of shape {x.shape[1:]}")
+    return x.transpose(0, *(a + 1 for a in p.axes))
 
 
 def _flatten(p, inputs, layer):
-    x = inputs[0]
+    x = _need_rank(inputs[0], layer, 3)
+    if p.mode not in (0, 1):
+        raise CannotVerify(f"cannot verify: layer '{layer}' has flatten order {p.mode}")
     if p.mode == 1:  # CHANNEL_LAST
         x = np.moveaxis(x, -3, -1)
     return x.reshape(*x.shape[:-3], -1, 1, 1)
@@ -360,34 +515,50 @@ def _flatten(p, inputs, layer):
 
 def _flatten_to_2d(p, inputs, layer):
     x = inputs[0]
-    axis = p.axis if p.axis >= 0 else p.axis + x.ndim - 1
+    rank = x.ndim - 1
+    if not -rank <= p.axis <= rank:
+        raise CannotVerify(f"cannot verify: layer '{layer}' flattens at axis {p.axis} a tensor of shape {x.shape[1:]}")
+    axis = p.axis if p.axis >= 0 else p.axis + rank
     return x.reshape(len(x), int(np.prod(x.shape[1:axis + 1])), -1)
 
 
 def _reshape_static(p, inputs, layer):
+    if any(d == 0 or d < -1 for d in p.targetShape):  # -1 is inferred, as coremltools emits it
+        raise CannotVerify(f"cannot verify: layer '{layer}' has targetShape {list(p.targetShape)}")
     return inputs[0].reshape(len(inputs[0]), *p.targetShape)
 
 
 def _squeeze(p, inputs, layer):
     x = inputs[0]
     if p.squeezeAll:
-        return x.reshape(len(x), *[d for d in x.shape[1:] if d != 1])
-    return np.squeeze(x, axis=tuple(_axis(a) for a in p.axes))
+        axes = [a for a in range(1, x.ndim) if x.shape[a] == 1]
+    elif not p.axes:
+        raise CannotVerify(f"cannot verify: layer '{layer}' sets neither axes nor squeezeAll")
+    else:
+        axes = [_axis(a, x.ndim - 1, layer) for a in p.axes]
+        if any(x.shape[a] != 1 for a in axes):
+            raise CannotVerify(f"cannot verify: layer '{layer}' squeezes axes {list(p.axes)} of shape {x.shape[1:]}")
+    return _at_least_rank_1(np.squeeze(x, axis=tuple(axes)))
 
 
 def _expand_dims(p, inputs, layer):
+    # the axes index the output, of rank (input rank + number of axes): (10, 5) with axes (-2, -1) is (10, 5, 1, 1)
     x = inputs[0]
-    for a in sorted(p.axes):
-        x = np.expand_dims(x, _axis(a) if a >= 0 else a)
-    return x
+    positions = sorted(_axis(a, x.ndim - 1 + len(p.axes), layer) for a in p.axes)
+    if not positions or len(set(positions)) != len(positions):
+        raise CannotVerify(f"cannot verify: layer '{layer}' has axes {list(p.axes)}")
+    shape = list(x.shape)
+    for position in positions:
+        shape.insert(position, 1)
+    return x.reshape(shape)
 
 
 def _elementwise(function):
     def compute(p, inputs, layer):
         if len(inputs) == 1:
             return function(inputs[0], np.float32(p.alpha))
-        result = inputs[0]
-        for other in inputs[1:]:
+        result, *others = _same_ranks(inputs, layer)
+        for other in others:
             result = function(result, other)
         return result
     return compute
@@ -395,72 +566,104 @@ def _elementwise(function):
 
 def _broadcastable(function):
     def compute(p, inputs, layer):
-        a, b = inputs
-        # ranks may differ: pad the smaller one's Core ML shape on the left, keeping our batch axis first
-        if a.ndim != b.ndim:
-            short, long_ = (a, b) if a.ndim < b.ndim else (b, a)
-            short = short.reshape(len(short), *(1,) * (long_.ndim - short.ndim), *short.shape[1:])
-            a, b = (short, long_) if a.ndim < b.ndim else (long_, short)
-        return function(a, b)
+        return function(*_same_rank(*inputs))
     return compute
 
 
 def _concat(p, inputs, layer):
+    for x in _same_ranks(inputs, layer):
+        _need_rank(x, layer, 5 if p.sequenceConcat else 3)
     return np.concatenate(inputs, axis=-5 if p.sequenceConcat else -3)
 
 
 def _concat_nd(p, inputs, layer):
-    return np.concatenate(inputs, axis=_axis(p.axis))
+    first = _same_ranks(inputs, layer)[0]
+    axis = _axis(p.axis, first.ndim - 1, layer)
+    if not p.interleave:
+        return np.concatenate(inputs, axis=axis)
+    if any(x.shape != first.shape for x in inputs):
+        raise CannotVerify(f"cannot verify: layer '{layer}' interleaves inputs of different shapes "
+                           f"{[x.shape[1:] for x in inputs]}")
+    # output[i::n] along the axis is input i: stack the n inputs just after the axis, then merge the two axes
+    shape = list(first.shape)
+    shape[axis] *= len(inputs)
+    return np.stack(inputs, axis=axis + 1).reshape(shape)
 
 
 def _scale(p, inputs, layer):
-    x = inputs[0] * _channel_shaped(weights(p.scale, tuple(p.shapeScale), layer))
+    x = _need_rank(inputs[0], layer, 3)
+    y = x * _channel_shaped(weights(p.scale, tuple(p.shapeScale), layer), x, "shapeScale", layer)
     if p.hasBias:
-        x = x + _channel_shaped(weights(p.bias, tuple(p.shapeBias), layer))
-    return x
+        y = y + _channel_shaped(weights(p.bias, tuple(p.shapeBias), layer), x, "shapeBias", layer)
+    return y
 
 
 def _bias(p, inputs, layer):
-    return inputs[0] + _channel_shaped(weights(p.bias, tuple(p.shape), layer))
+    x = _need_rank(inputs[0], layer, 3)
+    return x + _channel_shaped(weights(p.bias, tuple(p.shape), layer), x, "shape", layer)
 
 
-def _channel_shaped(values):
-    """A [1], [C], [1, H, W] or [C, H, W] parameter shaped to broadcast over (..., C, H, W)."""
+def _channel_shaped(values, x, name, layer):
+    """A [1], [C], [1, H, W] or [C, H, W] parameter of input x (..., C, H, W), shaped to broadcast over it."""
+    c, h, w = x.shape[-3:]
+    if values.shape not in ((1,), (c,), (1, h, w), (c, h, w)):
+        raise CannotVerify(f"cannot verify: layer '{layer}' has {name} {list(values.shape)} for an input of shape "
+                           f"{x.shape[1:]}")
     return values.reshape(-1, 1, 1) if values.ndim == 1 else values
 
 
+class _Kind(NamedTuple):
+    compute: Callable
+    fields: frozenset  # the params fields `compute` implements; anything else set raises CannotVerify
+    inputs: tuple  # (fewest, most) inputs; None: no upper limit
+
+
+def _kind(compute, fields="", inputs=(1, 1)):
+    return _Kind(compute, frozenset(fields.split()), inputs)
+
+
+_WINDOW = "kernelSize stride valid.paddingAmounts same.asymmetryMode"
+_REDUCE = "axes keepDims reduceAll"
+_ACTIVATIONS = ("linear.alpha linear.beta ReLU leakyReLU.alpha thresholdedReLU.alpha PReLU.alpha tanh "
+                "scaledTanh.alpha scaledTanh.beta sigmoid sigmoidHard.alpha sigmoidHard.beta ELU.alpha softsign "
+                "softplus")
+
+# Not implemented, so they raise CannotVerify when set: convolution isDeconvolution, outputShape and weights as
+# a second input; pooling includeLastPixel; batchnorm computeMeanVar, instanceNormalization; int8DynamicQuantize.
 _LAYERS = {
-    "convolution": _convolution,
-    "pooling": _pooling,
-    "padding": _padding,
-    "activation": _activation,
-    "unary": _unary,
-    "clip": _clip,
-    "batchnorm": _batchnorm,
-    "innerProduct": _inner_product,
-    "batchedMatmul": _batched_matmul,
-    "softmax": _softmax,
-    "softmaxND": _softmax_nd,
-    "reduceMean": _reduction(np.mean),
-    "reduceSum": _reduction(np.sum),
-    "reduceMax": _reduction(np.max),
-    "reduceMin": _reduction(np.min),
-    "transpose": _transpose,
-    "flatten": _flatten,
-    "flattenTo2D": _flatten_to_2d,
-    "reshapeStatic": _reshape_static,
-    "squeeze": _squeeze,
-    "expandDims": _expand_dims,
-    "add": _elementwise(np.add),
-    "multiply": _elementwise(np.multiply),
-    "addBroadcastable": _broadcastable(np.add),
-    "subtractBroadcastable": _broadcastable(np.subtract),
-    "multiplyBroadcastable": _broadcastable(np.multiply),
-    "divideBroadcastable": _broadcastable(np.divide),
-    "concat": _concat,
-    "concatND": _concat_nd,
-    "scale": _scale,
-    "bias": _bias,
+    "convolution": _kind(_convolution, f"outputChannels kernelChannels nGroups dilationFactor hasBias weights "
+                                       f"bias {_WINDOW}"),
+    "pooling": _kind(_pooling, f"type avgPoolExcludePadding globalPooling {_WINDOW}"),
+    "padding": _kind(_padding, "constant.value reflection replication paddingAmounts"),
+    "activation": _kind(_activation, _ACTIVATIONS),
+    "unary": _kind(_unary, "type alpha epsilon shift scale"),
+    "clip": _kind(_clip, "minVal maxVal"),
+    "batchnorm": _kind(_batchnorm, "channels epsilon gamma beta mean variance"),
+    "innerProduct": _kind(_inner_product, "inputChannels outputChannels hasBias weights bias"),
+    "batchedMatmul": _kind(_batched_matmul, "transposeA transposeB weightMatrixFirstDimension "
+                                            "weightMatrixSecondDimension hasBias weights bias", (1, 2)),
+    "softmax": _kind(_softmax),
+    "softmaxND": _kind(_softmax_nd, "axis"),
+    "reduceMean": _kind(_reduction(np.mean), _REDUCE),
+    "reduceSum": _kind(_reduction(np.sum), _REDUCE),
+    "reduceMax": _kind(_reduction(np.max), _REDUCE),
+    "reduceMin": _kind(_reduction(np.min), _REDUCE),
+    "transpose": _kind(_transpose, "axes"),
+    "flatten": _kind(_flatten, "mode"),
+    "flattenTo2D": _kind(_flatten_to_2d, "axis"),
+    "reshapeStatic": _kind(_reshape_static, "targetShape"),
+    "squeeze": _kind(_squeeze, "axes squeezeAll"),
+    "expandDims": _kind(_expand_dims, "axes"),
+    "add": _kind(_elementwise(np.add), "alpha", (1, None)),
+    "multiply": _kind(_elementwise(np.multiply), "alpha", (1, None)),
+    "addBroadcastable": _kind(_broadcastable(np.add), inputs=(2, 2)),
+    "subtractBroadcastable": _kind(_broadcastable(np.subtract), inputs=(2, 2)),
+    "multiplyBroadcastable": _kind(_broadcastable(np.multiply), inputs=(2, 2)),
+    "divideBroadcastable": _kind(_broadcastable(np.divide), inputs=(2, 2)),
+    "concat": _kind(_concat, "sequenceConcat", (2, None)),
+    "concatND": _kind(_concat_nd, "axis interleave", (2, None)),
+    "scale": _kind(_scale, "shapeScale scale hasBias shapeBias bias"),
+    "bias": _kind(_bias, "shape bias"),
 }
 
 SUPPORTED_LAYERS = tuple(sorted(_LAYERS))

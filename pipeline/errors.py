@@ -19,3 +19,7 @@ class WeightsError(PipelineError):
 
 class ExportError(PipelineError):
     """An export failed or its exported file disagrees with the Keras model."""
+
+
+class ArtifactsError(PipelineError):
+    """The artifacts folder cannot be used: the message names the folder and the fix."""

@@ -73,7 +73,12 @@ def inspect_bytes(data, max_pixels):
             rgb, note = to_rgb(image)
     except BadImage:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except UnidentifiedImageError as exc:
+        # Pillow's message names only its buffer ("<_io.BytesIO object at 0x...>"); the first bytes say more,
+        # e.g. an HTML error page saved as .jpg.
+        raise BadImage(f"does not decode as an image: not a format Pillow can read "
+                       f"(the file starts with {data[:16]!r})") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
         raise BadImage(f"does not decode as an image: {exc}") from exc
     if rgb.width == 0 or rgb.height == 0:
         raise BadImage("image has no pixels")

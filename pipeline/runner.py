@@ -1,19 +1,22 @@
 """Runs stages: freshness from manifests, atomic stage folders, timing, logging and the summary line."""
 from __future__ import annotations
 
+import errno
 import importlib
-import importlib.util
 import logging
+import os
 import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 
 import yaml
 
-from pipeline import fileio
+from pipeline import code_deps, fileio
 from pipeline.catalog import MANIFEST, Catalog
+from pipeline.errors import ArtifactsError
 from pipeline.stages import STAGES, upstream_closure
 
 log = logging.getLogger("pipeline")
@@ -40,8 +43,7 @@ class Freshness:
 
 
 def _module_source_hash(modules):
-    # find_spec locates a module's source without importing it (and TensorFlow with it).
-    return fileio.sha256_json({name: fileio.sha256_file(importlib.util.find_spec(name).origin) for name in modules})
+    return fileio.sha256_json({name: fileio.sha256_file(code_deps.source_file(name)) for name in modules})
 
 
 class Runner:
@@ -62,7 +64,7 @@ class Runner:
             upstream[name] = manifest["outputs"] if manifest else None
         return {
             "config": fileio.sha256_json({s: self.cfg.section(s) for s in stage.sections}),
-            "code": _module_source_hash(stage.code),
+            "code": _module_source_hash(stage.code_modules()),
             "inputs": fileio.sha256_json({"upstream": upstream, "external": external}),
         }
 
@@ -120,7 +122,7 @@ class Runner:
         scratch = self.catalog.scratch(stage.name)
         shutil.rmtree(scratch, ignore_errors=True)  # leftovers of an interrupted run
         tmp = scratch / uuid.uuid4().hex
-        tmp.mkdir(parents=True)
+        _make_scratch(tmp, self.catalog.stage(stage.name).root, self.catalog.root)
         out = self.catalog.stage(stage.name, tmp)
         inputs = {name: self.catalog.stage(name) for name in stage.upstream}
         started = datetime.now(timezone.utc)
@@ -171,6 +173,18 @@ class Runner:
                                      ("config.yaml",))[:80] or "-",
             })
         return rows
+
+
+def _make_scratch(tmp, final, artifacts):
+    """Create a stage's temporary folder, having checked that the finished one will be able to replace `final`
+    (moving a folder needs write access to it), so that no stage runs only to fail at the end."""
+    try:
+        if final.exists() and not os.access(final, os.W_OK, effective_ids=os.access in os.supports_effective_ids):
+            raise PermissionError(errno.EACCES, "cannot replace the stage folder", str(final))
+        tmp.mkdir(parents=True)
+    except OSError as exc:
+        raise ArtifactsError(f"artifacts folder '{Path(artifacts).absolute()}' is not writable ({exc}); pass "
+                          "--artifacts to a writable folder or fix its permissions") from exc
 
 
 def _duration(seconds):

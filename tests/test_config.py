@@ -10,10 +10,11 @@ from pipeline.stages.train_head import check_batch_size
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-@pytest.mark.parametrize("name", ["multisnacks.yaml", "book.yaml", "smoke.yaml"])
+@pytest.mark.parametrize("name", ["multisnacks.yaml", "book.yaml", "smoke.yaml", "mobilenet.yaml", "best.yaml"])
 def test_shipped_configs_load(name):
     cfg = config.load(CONFIGS / name)
-    assert cfg.model.backbone == "mobilenet"
+    assert cfg.model.backbone == {"multisnacks.yaml": "efficientnet_lite0", "best.yaml": "efficientnet_lite0"}.get(
+        name, "mobilenet")
 
 
 def test_book_config_is_the_books_recipe():
@@ -94,3 +95,17 @@ def test_batch_size_larger_than_training_set():
     check_batch_size("train_head", 8, 8)
     with pytest.raises(ConfigError, match=r"'train_head.batch_size' has value 64, larger than the training set \(10"):
         check_batch_size("train_head", 64, 10)
+
+
+def test_readme_key_table_lists_every_config_key():
+    """The README's table of config keys names exactly the fields of each section's dataclass (their meaning is
+    documented once, in the dataclasses' docstrings)."""
+    import dataclasses
+    import re
+
+    readme = (CONFIGS.parent / "README.md").read_text(encoding="utf-8")
+    rows = dict(re.findall(r"^\| `(\w+)` \| (.+) \|$", readme, flags=re.M))
+    for f in dataclasses.fields(config.Config):
+        listed = set(re.findall(r"`(\w+)`", rows.get(f.name, "")))
+        fields = {g.name for g in dataclasses.fields(f.type if isinstance(f.type, type) else getattr(config, f.type))}
+        assert listed == fields, (f.name, sorted(fields - listed), sorted(listed - fields))

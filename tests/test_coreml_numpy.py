@@ -12,16 +12,23 @@ from test_exporters import LABELS, meta, model, pixels  # noqa: F401  (model, pi
 RNG = np.random.default_rng(7)
 
 
-def image_spec(width, height, scale=1.0, rgb_bias=(0.0, 0.0, 0.0), bgr=False):
-    """A neural-network spec with one RGB/BGR image input 'image' and its scaler, and no layers yet."""
+def colour_space(name):
+    """The proto's ImageFeatureType.ColorSpace value (GRAYSCALE, RGB, BGR), not the checker's copy of it."""
+    from coremltools.proto import FeatureTypes_pb2
+
+    return FeatureTypes_pb2.ImageFeatureType.ColorSpace.Value(name)
+
+
+def image_spec(width, height, scale=1.0, rgb_bias=(0.0, 0.0, 0.0), colours="RGB", gray_bias=0.0):
+    """A neural-network spec with one image input 'image' (RGB, BGR or GRAYSCALE) and its scaler, no layers yet."""
     from coremltools.proto import Model_pb2
 
     spec = Model_pb2.Model()
-    spec.specificationVersion = 4
+    spec.specificationVersion = 5
     inp = spec.description.input.add()
     inp.name = "image"
     inp.type.imageType.width, inp.type.imageType.height = width, height
-    inp.type.imageType.colorSpace = coreml_numpy.BGR if bgr else coreml_numpy.RGB
+    inp.type.imageType.colorSpace = colour_space(colours)
     spec.description.output.add().name = "out"
     nn = spec.neuralNetwork
     nn.imageInputShapeMapping = 1  # [1, C, H, W]
@@ -29,6 +36,7 @@ def image_spec(width, height, scale=1.0, rgb_bias=(0.0, 0.0, 0.0), bgr=False):
     scaler.featureName = "image"
     scaler.scaler.channelScale = scale
     scaler.scaler.redBias, scaler.scaler.greenBias, scaler.scaler.blueBias = rgb_bias
+    scaler.scaler.grayBias = gray_bias
     return spec
 
 
@@ -37,20 +45,54 @@ def add_layer(spec, kind, name="layer", inputs=("image",), output="out"):
     layer.name = name
     layer.input.extend(inputs)
     layer.output.append(output)
-    return getattr(layer, kind)
+    params = getattr(layer, kind)
+    params.SetInParent()  # selects the layer type even when no field of it is set
+    return params
 
 
-@pytest.mark.parametrize("bgr", [False, True], ids=["RGB", "BGR"])
-def test_image_preprocessing_comes_from_the_spec(bgr):
-    spec = image_spec(3, 2, scale=0.5, rgb_bias=(10.0, 20.0, 30.0), bgr=bgr)
+@pytest.mark.parametrize("colours", ["RGB", "BGR"])
+def test_image_preprocessing_comes_from_the_spec(colours):
+    spec = image_spec(3, 2, scale=0.5, rgb_bias=(10.0, 20.0, 30.0), colours=colours)
     add_layer(spec, "activation").linear.alpha = 1.0
     px = RNG.uniform(0, 255, (2, 2, 3, 3)).astype(np.float32)  # N, H, W, RGB
     out = coreml_numpy.run(spec, px, ["out"])["out"]
     assert out.shape == (2, 1, 3, 2, 3)  # batch of single predictions, each [1, C, H, W]
-    channels = [2, 1, 0] if bgr else [0, 1, 2]
+    channels = [2, 1, 0] if colours == "BGR" else [0, 1, 2]
     biases = {0: 10.0, 1: 20.0, 2: 30.0}
     for position, channel in enumerate(channels):
         np.testing.assert_allclose(out[:, 0, position], px[..., channel] * 0.5 + biases[channel], rtol=1e-6)
+
+
+def test_colour_space_constants_are_the_protos():
+    assert (coreml_numpy.GRAYSCALE, coreml_numpy.RGB, coreml_numpy.BGR) == tuple(
+        colour_space(name) for name in ("GRAYSCALE", "RGB", "BGR"))  # 10, 20, 30 in FeatureTypes.proto
+
+
+@pytest.mark.parametrize("colours, expected", [("RGB", [6.0, 12.0, 18.0]), ("BGR", [18.0, 12.0, 6.0])])
+def test_each_bias_applies_to_the_channel_of_its_colour(colours, expected):
+    # NeuralNetworkImageScaler: BGR is Y[0] = scale * X[0] + blueBias, ...; RGB is Y[0] = scale * X[0] + redBias, ...
+    spec = image_spec(1, 1, scale=0.5, rgb_bias=(1.0, 2.0, 3.0), colours=colours)
+    add_layer(spec, "activation").linear.alpha = 1.0
+    px = np.array([10.0, 20.0, 30.0], np.float32).reshape(1, 1, 1, 3)  # red 10, green 20, blue 30
+    out = coreml_numpy.run(spec, px, ["out"])["out"]
+    np.testing.assert_array_equal(out.reshape(3), expected)  # red 10 * 0.5 + 1, green 20 * 0.5 + 2, blue 30 * 0.5 + 3
+
+
+@pytest.mark.parametrize("channel_axis", [False, True], ids=["N,H,W", "N,H,W,1"])
+def test_a_grayscale_input_is_one_channel_with_the_gray_bias(channel_axis):
+    spec = image_spec(3, 2, scale=0.5, rgb_bias=(10.0, 20.0, 30.0), colours="GRAYSCALE", gray_bias=4.0)
+    add_layer(spec, "activation").linear.alpha = 1.0
+    gray = RNG.uniform(0, 255, (2, 2, 3)).astype(np.float32)
+    out = coreml_numpy.run(spec, gray[..., None] if channel_axis else gray, ["out"])["out"]
+    assert out.shape == (2, 1, 1, 2, 3)  # RANK4_IMAGE_MAPPING: gray images are [1, 1, H, W]
+    np.testing.assert_allclose(out[:, 0, 0], gray * 0.5 + 4.0, rtol=1e-6)  # Y[0] = channelScale * X[0] + grayBias
+
+
+def test_rgb_pixels_for_a_grayscale_input_cannot_be_verified():
+    spec = image_spec(3, 2, colours="GRAYSCALE")
+    add_layer(spec, "activation").ReLU.SetInParent()
+    with pytest.raises(CannotVerify, match="grayscale image and the pixels are RGB"):
+        coreml_numpy.run(spec, np.zeros((1, 2, 3, 3), np.float32), ["out"])
 
 
 def reference_convolution(x, w, bias, stride, pads, dilation, groups):
@@ -170,6 +212,245 @@ def test_wrong_image_size_is_an_error():
         coreml_numpy.run(spec, np.zeros((1, 5, 4, 3), np.float32), ["out"])
 
 
+# -- shapes and options: the proto's own examples, or an explicit CannotVerify ------------------------------
+
+def add_convolution(spec, name, out_c, kernel_c, groups, kernel=3):
+    conv = add_layer(spec, "convolution", name=name)
+    conv.outputChannels, conv.kernelChannels, conv.nGroups = out_c, kernel_c, groups
+    conv.kernelSize.extend([kernel, kernel])
+    conv.weights.floatValue.extend(RNG.standard_normal(out_c * kernel_c * kernel * kernel).astype(np.float32))
+    return conv
+
+
+def add_channel(spec, channel, output):
+    """A 1x1 convolution that copies one colour channel of the image: [1, 3, H, W] -> [1, 1, H, W]."""
+    conv = add_layer(spec, "convolution", name=output, output=output)
+    conv.outputChannels, conv.kernelChannels = 1, 3
+    conv.kernelSize.extend([1, 1])
+    conv.weights.floatValue.extend(np.eye(3, dtype=np.float32)[channel])
+    return conv
+
+
+def add_reshape(spec, shape, name, inputs=("image",)):
+    add_layer(spec, "reshapeStatic", name=name, inputs=inputs, output=name).targetShape.extend(shape)
+
+
+@pytest.mark.parametrize("kernel_c, groups, out_c, kernel", [
+    (1, 1, 2, 3),  # one group of 1-channel kernels takes 1 channel, the image has 3
+    (2, 3, 3, 3),  # 3 groups of 2-channel kernels take 6
+    (2, 1, 4, 1),  # 1x1 kernels of 2 channels take 2
+])
+def test_convolution_input_channels_must_be_kernel_channels_times_groups(kernel_c, groups, out_c, kernel):
+    # ConvolutionLayerParams.kernelChannels: "Must be equal to inputChannels / nGroups"
+    spec = image_spec(6, 6)
+    add_convolution(spec, "conv", out_c, kernel_c, groups, kernel)
+    with pytest.raises(CannotVerify, match="conv' gets 3 input channels"):
+        coreml_numpy.run(spec, RNG.uniform(0, 255, (2, 6, 6, 3)).astype(np.float32), ["out"])
+
+
+def _conv_output_shape(spec):
+    add_convolution(spec, "l", 2, 3, 1).outputShape.extend([4, 4])  # only defined for deconvolution
+
+
+def _instance_norm(spec):
+    bn = add_layer(spec, "batchnorm", name="l")
+    bn.channels, bn.instanceNormalization = 3, True
+    for name in ("gamma", "beta", "mean", "variance"):
+        getattr(bn, name).floatValue.extend([1.0, 1.0, 1.0])
+
+
+def _matmul_bias_two_inputs(spec):
+    add_reshape(spec, [3, 16], "a")
+    add_reshape(spec, [16, 3], "b")
+    mm = add_layer(spec, "batchedMatmul", name="l", inputs=("a", "b"))
+    mm.hasBias = True
+    mm.bias.floatValue.extend([1.0, 2.0, 3.0])
+
+
+def _parametric_softplus(spec):
+    add_layer(spec, "activation", name="l").parametricSoftplus.alpha.floatValue.append(1.0)
+
+
+@pytest.mark.parametrize("build, unimplemented", [
+    (_conv_output_shape, "sets outputShape"),
+    (_instance_norm, "sets instanceNormalization"),
+    (_matmul_bias_two_inputs, "bias, which the proto defines for one input only"),
+    (_parametric_softplus, "sets parametricSoftplus"),
+])
+def test_a_field_the_checker_does_not_implement_cannot_be_verified(build, unimplemented):
+    spec = image_spec(4, 4)
+    build(spec)
+    with pytest.raises(CannotVerify, match=f"layer 'l'.*{unimplemented}"):
+        coreml_numpy.run(spec, RNG.uniform(0, 255, (1, 4, 4, 3)).astype(np.float32), ["out"])
+
+
+def _batchnorm_of_one_channel(spec):
+    bn = add_layer(spec, "batchnorm", name="l")
+    bn.channels = 1  # the input has 3
+    for name, value in (("gamma", 2.0), ("beta", 0.0), ("mean", 0.0), ("variance", 1.0)):
+        getattr(bn, name).floatValue.append(value)
+
+
+def _inner_product_of_the_wrong_width(spec):
+    add_reshape(spec, [8, 6], "rows")  # rank 2: the last axis (6) must be inputChannels
+    ip = add_layer(spec, "innerProduct", name="l", inputs=("rows",))
+    ip.inputChannels, ip.outputChannels = 3, 2
+    ip.weights.floatValue.extend(np.ones(6, np.float32))
+
+
+def _add_of_two_ranks(spec):
+    add_reshape(spec, [48], "flat")
+    add_layer(spec, "add", name="l", inputs=("image", "flat"))
+
+
+def _scale_of_two_channels(spec):
+    scale = add_layer(spec, "scale", name="l")
+    scale.shapeScale.append(2)
+    scale.scale.floatValue.extend([1.0, 2.0])
+
+
+@pytest.mark.parametrize("build, message", [
+    (_batchnorm_of_one_channel, "has 1 channels"),
+    (_inner_product_of_the_wrong_width, "has inputChannels 3"),
+    (_add_of_two_ranks, "takes inputs of one rank"),
+    (_scale_of_two_channels, r"has shapeScale \[2\]"),
+])
+def test_a_layer_given_a_shape_it_does_not_take_cannot_be_verified(build, message):
+    spec = image_spec(4, 4)
+    build(spec)
+    with pytest.raises(CannotVerify, match=f"layer 'l'.*{message}"):
+        coreml_numpy.run(spec, RNG.uniform(0, 255, (2, 4, 4, 3)).astype(np.float32), ["out"])
+
+
+def test_prelu_with_one_alpha_and_thresholded_relu_at_its_threshold():
+    # ActivationPReLU: alpha "of length C or 1"; ActivationThresholdedReLU: x if x >= alpha, else 0
+    px = np.array([[[[0.0, 64.0, 128.0]]]], np.float32)  # 1x1 image, channels -1, 0, 1 after the scaler below
+    spec = image_spec(1, 1, scale=1 / 64, rgb_bias=(-1.0, -1.0, -1.0))
+    add_layer(spec, "activation", name="prelu", output="prelu").PReLU.alpha.floatValue.append(0.25)
+    add_layer(spec, "activation", name="t", inputs=("image",)).thresholdedReLU.alpha = 1.0
+    out = coreml_numpy.run(spec, px, ["prelu", "out"])
+    np.testing.assert_allclose(out["prelu"].reshape(3), [-0.25, 0.0, 1.0], atol=1e-6)
+    np.testing.assert_allclose(out["out"].reshape(3), [0.0, 0.0, 1.0], atol=1e-6)
+
+
+@pytest.mark.parametrize("interleave, expected", [
+    (False, [[1, 2], [3, 4], [5, 6], [7, 8], [9, 10], [11, 12]]),
+    (True, [[1, 2], [7, 8], [3, 4], [9, 10], [5, 6], [11, 12]]),
+])
+def test_concat_nd_interleave_is_the_protos_example(interleave, expected):
+    # ConcatNDLayerParams' example: in1 [[1, 2], [3, 4], [5, 6]], in2 [[7, 8], [9, 10], [11, 12]], axis 0
+    spec = image_spec(2, 3)
+    add_channel(spec, 0, "red")
+    add_reshape(spec, [3, 2], "in1", inputs=("red",))
+    add_channel(spec, 1, "green")
+    add_reshape(spec, [3, 2], "in2", inputs=("green",))
+    concat = add_layer(spec, "concatND", name="concat", inputs=("in1", "in2"))
+    concat.axis, concat.interleave = 0, interleave
+    px = np.stack([np.arange(1, 7).reshape(3, 2), np.arange(7, 13).reshape(3, 2), np.zeros((3, 2))], axis=-1)
+    out = coreml_numpy.run(spec, np.stack([px, px + 100]).astype(np.float32), ["out"])["out"]
+    np.testing.assert_array_equal(out, [expected, np.array(expected) + 100])
+
+
+def test_an_interleaved_channel_shuffle_differs_from_a_concatenation():
+    spec = image_spec(2, 2)
+    concat = add_layer(spec, "concatND", name="shuffle", inputs=("image", "image"))
+    concat.axis, concat.interleave = -3, True
+    px = RNG.uniform(0, 255, (2, 2, 2, 3)).astype(np.float32)
+    out = coreml_numpy.run(spec, px, ["out"])["out"]
+    rgb = px.transpose(0, 3, 1, 2)
+    np.testing.assert_array_equal(out[:, 0], rgb[:, [0, 0, 1, 1, 2, 2]])  # output[0::2] = in1, output[1::2] = in2
+
+
+@pytest.mark.parametrize("axes, shape", [((0, 1), (1, 1, 10, 5)), ((0, 2), (1, 10, 1, 5)), ((-2, -1), (10, 5, 1, 1))])
+def test_expand_dims_is_the_protos_examples(axes, shape):
+    spec = image_spec(5, 10)
+    mean = add_layer(spec, "reduceMean", name="mean", output="rows")  # [1, 3, 10, 5] -> (10, 5)
+    mean.axes.extend([0, 1])
+    add_layer(spec, "expandDims", name="expand", inputs=("rows",)).axes.extend(axes)
+    px = RNG.uniform(0, 255, (2, 10, 5, 3)).astype(np.float32)
+    out = coreml_numpy.run(spec, px, ["out"])["out"]
+    assert out.shape == (2, *shape)
+    np.testing.assert_allclose(out.reshape(2, 10, 5), px.mean(axis=-1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["reduceSum", "reduceMax"])
+@pytest.mark.parametrize("all_axes", [True, False], ids=["reduceAll", "axes 0-3"])
+def test_a_reduction_over_every_axis_is_shape_1_not_rank_0(kind, all_axes):
+    spec = image_spec(4, 3)
+    reduce = add_layer(spec, kind)
+    if all_axes:
+        reduce.reduceAll = True
+    else:
+        reduce.axes.extend([0, 1, 2, -1])
+    px = RNG.uniform(0, 255, (2, 3, 4, 3)).astype(np.float32)
+    out = coreml_numpy.run(spec, px, ["out"])["out"]
+    assert out.shape == (2, 1)  # Core ML tensors have rank >= 1
+    expected = px.sum(axis=(1, 2, 3)) if kind == "reduceSum" else px.max(axis=(1, 2, 3))
+    np.testing.assert_allclose(out[:, 0], expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("squeeze_all", [False, True], ids=["(1,) axes (0)", "(1, 1, 1, 1) squeezeAll"])
+def test_a_squeeze_to_nothing_is_shape_1(squeeze_all):
+    # SqueezeLayerParams' example: input shape (1,), axes (0), output shape (1,)
+    spec = image_spec(4, 3)
+    total = add_layer(spec, "reduceSum", name="total", output="total")
+    total.reduceAll = total.keepDims = True  # [1, 1, 1, 1]
+    if squeeze_all:
+        add_layer(spec, "squeeze", name="squeeze", inputs=("total",)).squeezeAll = True
+    else:
+        add_reshape(spec, [1], "one", inputs=("total",))
+        add_layer(spec, "squeeze", name="squeeze", inputs=("one",)).axes.append(0)
+    px = RNG.uniform(0, 255, (2, 3, 4, 3)).astype(np.float32)
+    out = coreml_numpy.run(spec, px, ["out"])["out"]
+    assert out.shape == (2, 1)
+    np.testing.assert_allclose(out[:, 0], px.sum(axis=(1, 2, 3)), rtol=1e-5)
+
+
+@pytest.mark.parametrize("a, b, shape", [
+    ("vector", "wide", (1, 6)),    # first tensor 1-D: (D) -> (1, D)
+    ("tall", "vector", (6, 1)),    # second tensor 1-D: (D) -> (D, 1)
+    ("vector", "vector", (1, 1)),  # both; the output rank is max(2, rank(a), rank(b))
+])
+def test_batched_matmul_with_a_rank_1_operand_follows_the_proto(a, b, shape):
+    spec = image_spec(3, 2)
+    columns = add_layer(spec, "reduceSum", name="vector", output="vector")  # [1, 3, 2, 3] -> (3,): sum over C, H
+    columns.axes.extend([0, 1, 2])
+    add_reshape(spec, [3, 6], "wide")
+    add_reshape(spec, [6, 3], "tall")
+    add_layer(spec, "batchedMatmul", name="matmul", inputs=(a, b))
+    px = RNG.uniform(0, 1, (2, 2, 3, 3)).astype(np.float32)  # two images: each is its own prediction
+    out = coreml_numpy.run(spec, px, ["out"])["out"]
+    assert out.shape == (2, *shape)
+    for n in range(2):
+        chw = px[n].transpose(2, 0, 1).astype(np.float64)
+        tensors = {"vector": chw.sum(axis=(0, 1)), "wide": chw.reshape(3, 6), "tall": chw.reshape(6, 3)}
+        left = tensors[a][None, :] if a == "vector" else tensors[a]
+        right = tensors[b][:, None] if b == "vector" else tensors[b]
+        np.testing.assert_allclose(out[n], left @ right, rtol=1e-5)
+
+
+def test_batched_matmul_of_a_vector_by_its_column_major_weights():
+    # one input: (X1,) -> (1, X1) @ W [X1, X2] -> (X2,); W's values are stored column-major
+    spec = image_spec(3, 1)
+    add_reshape(spec, [9], "vector")
+    mm = add_layer(spec, "batchedMatmul", name="matmul", inputs=("vector",))
+    w = RNG.standard_normal((9, 2)).astype(np.float32)
+    mm.weightMatrixFirstDimension, mm.weightMatrixSecondDimension = 9, 2
+    mm.weights.floatValue.extend(w.ravel(order="F"))
+    px = RNG.uniform(0, 1, (2, 1, 3, 3)).astype(np.float32)
+    out = coreml_numpy.run(spec, px, ["out"])["out"]
+    assert out.shape == (2, 2)
+    np.testing.assert_allclose(out, px.transpose(0, 3, 1, 2).reshape(2, 9) @ w, rtol=1e-5)
+
+
+def test_transposing_a_rank_1_matmul_operand_cannot_be_verified():
+    spec = image_spec(3, 1)
+    add_reshape(spec, [9], "vector")
+    add_layer(spec, "batchedMatmul", name="matmul", inputs=("vector", "vector")).transposeA = True
+    with pytest.raises(CannotVerify, match="transposes a rank-1 operand"):
+        coreml_numpy.run(spec, np.zeros((1, 1, 3, 3), np.float32), ["out"])
+
+
 def varied_keras_model(size=24):
     """A small model using the layer types the converter emits for CNN backbones and heads."""
     import tf_keras as keras
@@ -226,7 +507,7 @@ def _labels_rotated(spec):
 
 
 def _bgr(spec):
-    spec.description.input[0].type.imageType.colorSpace = coreml_numpy.BGR
+    spec.description.input[0].type.imageType.colorSpace = colour_space("BGR")  # ImageFeatureType.BGR = 30
 
 
 @pytest.mark.parametrize("break_it", [None, _bias_zero, _labels_rotated, _bgr],

@@ -49,6 +49,16 @@ def test_garbage_bytes_are_bad():
         inspect_bytes(b"this is not an image at all" * 10, BIG)
 
 
+def test_unknown_format_says_what_the_file_holds_not_a_python_object():
+    # Pillow's own message names its in-memory buffer: "cannot identify image file <_io.BytesIO object at 0x...>".
+    with pytest.raises(BadImage) as excinfo:
+        inspect_bytes(b"<!DOCTYPE html><html><body>404 Not Found</body></html>", BIG)
+    message = str(excinfo.value)
+    assert message.startswith("does not decode as an image: not a format Pillow can read")
+    assert "the file starts with b'<!DOCTYPE html><'" in message
+    assert "BytesIO" not in message and "object at 0x" not in message
+
+
 def test_truncated_jpeg_is_bad():
     data = encode(shape_image("circle", 1, size=64), quality=95)
     inspect_bytes(data, BIG)  # the whole file is fine

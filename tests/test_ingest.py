@@ -2,17 +2,22 @@
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import json
+import os
 import shutil
 import unicodedata
+import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from conftest import (
     CLASSES,
+    SMOKE_CONFIG,
     exif_jpeg,
+    invoke,
     make_class_dataset,
     make_split_dataset,
     shape_image,
@@ -22,10 +27,11 @@ from conftest import (
 )
 from PIL import Image
 
+from pipeline import fileio
 from pipeline.catalog import Catalog
 from pipeline.config import from_dict
 from pipeline.dataset import SPLITS, assign_split
-from pipeline.errors import DataError
+from pipeline.errors import ConfigError, DataError, PipelineError
 from pipeline.runner import Runner
 from pipeline.stages import BY_NAME
 
@@ -319,3 +325,222 @@ def test_nfd_folder_name_gives_nfc_label(tmp_path):
     assert out.classes_text.encode("utf-8").count("\u00e9".encode("utf-8")) == 1
     assert {r["label"] for r in out.index} == {"circle", "red square", ETOILE}
     assert out.counts[ETOILE] == {"train": 3, "val": 1, "test": 1}
+
+
+# -- an artifacts folder that cannot be written ----------------------------------------------------
+
+def assert_unwritable(message, artifacts):
+    assert f"artifacts folder '{artifacts}' is not writable" in message
+    assert "pass --artifacts to a writable folder or fix its permissions" in message
+
+
+def test_artifacts_under_a_file_is_a_clear_error(split_dataset, tmp_path):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a folder should be")  # unwritable for root too
+    artifacts = blocker / "artifacts"
+    with pytest.raises(PipelineError) as excinfo:
+        runner_for(split_dataset, artifacts).run(["ingest"])
+    assert_unwritable(str(excinfo.value), artifacts)
+
+
+@pytest.fixture
+def read_only_artifacts(tmp_path, monkeypatch):
+    """An artifacts folder with mode 555; for root, which ignores mode bits, mkdir under it fails as for others."""
+    artifacts = tmp_path / "artifacts"
+    artifacts.mkdir()
+    artifacts.chmod(0o555)
+    if os.geteuid() == 0:
+        real_mkdir = os.mkdir
+
+        def mkdir(path, *args, **kwargs):
+            if Path(path).is_relative_to(artifacts):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+            return real_mkdir(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "mkdir", mkdir)
+    yield artifacts
+    artifacts.chmod(0o755)
+
+
+def test_read_only_artifacts_is_a_clear_error(split_dataset, read_only_artifacts):
+    with pytest.raises(PipelineError) as excinfo:
+        runner_for(split_dataset, read_only_artifacts).run(["ingest"])
+    assert_unwritable(str(excinfo.value), read_only_artifacts)
+    assert "Permission denied" in str(excinfo.value)
+    assert not list(read_only_artifacts.iterdir())
+
+
+def test_stage_folder_of_another_user_fails_before_the_stage_runs(split_dataset, tmp_path, monkeypatch):
+    artifacts = tmp_path / "artifacts"
+    assert runner_for(split_dataset, artifacts).run(["ingest"]) == ["ingest"]
+    final = artifacts / "ingest"
+    before = snapshot(final)
+    final.chmod(0o555)  # moving a folder to another parent needs write access to it
+    if os.geteuid() == 0:  # root may move it anyway: answer access() as the kernel does for anyone else
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda path, mode, **kw: not (Path(path) == final and mode & os.W_OK)
+                            and real_access(path, mode, **kw))
+    try:
+        with pytest.raises(PipelineError) as excinfo:
+            runner_for(split_dataset, artifacts, seed=1).run(["ingest"])  # a changed config: ingest must rerun
+    finally:
+        final.chmod(0o755)
+    assert_unwritable(str(excinfo.value), artifacts)
+    assert str(final) in str(excinfo.value)
+    assert snapshot(final) == before and sorted(p.name for p in artifacts.iterdir()) == ["ingest"]
+
+
+def test_read_only_artifacts_is_one_line_from_the_cli(split_dataset, read_only_artifacts):
+    result = invoke("--config", str(SMOKE_CONFIG), "--data", str(split_dataset),
+                    "--artifacts", str(read_only_artifacts), "ingest")
+    assert result.exit_code == 1
+    errors = [line for line in result.stderr.splitlines() if not line[:2].isdigit()]  # log lines start with a time
+    assert len(errors) == 1 and errors[0].startswith("error: ") and "Traceback" not in result.stderr
+    assert_unwritable(errors[0], read_only_artifacts)
+
+
+# -- symbolic links --------------------------------------------------------------------------------
+
+@pytest.fixture
+def reads(monkeypatch):
+    """Every file ingest hashes or reads, resolved."""
+    seen = []
+    real_hash, real_read = fileio.sha256_file, Path.read_bytes
+
+    def sha256_file(path, *args):
+        seen.append(Path(path).resolve())
+        return real_hash(path, *args)
+
+    def read_bytes(self):
+        seen.append(self.resolve())
+        return real_read(self)
+
+    monkeypatch.setattr(fileio, "sha256_file", sha256_file)
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    return seen
+
+
+def outside_reason(target, root):
+    return (f"symbolic link to '{target.resolve()}', outside the dataset folder '{root.resolve()}'; not read "
+            "(set ingest.follow_symlinks: true to read such links)")
+
+
+def test_symlink_leading_outside_is_skipped_and_listed(split_dataset, tmp_path, reads):
+    outside = tmp_path / "outside"
+    secret = write_images(outside, "circle", 1, start=800)[0]  # a real image: followed, it would be indexed
+    passwd = outside / "passwd"
+    passwd.write_text("root:x:0:0:root:/root:/bin/sh\n")
+    folder = split_dataset / "train" / "circle"
+    (folder / "secret.jpg").symlink_to(secret)
+    (folder / "passwd.jpg").symlink_to(passwd)
+    out = ingest(split_dataset, tmp_path / "artifacts")
+    ignored = {item["path"]: item for item in out.report["ignored_files"]}
+    assert set(ignored) == {str(folder / "secret.jpg"), str(folder / "passwd.jpg")}
+    assert ignored[str(folder / "secret.jpg")]["reason"] == outside_reason(secret, split_dataset)
+    assert ignored[str(folder / "passwd.jpg")] == {"path": str(folder / "passwd.jpg"), "link": str(passwd),
+                                                   "reason": outside_reason(passwd, split_dataset)}
+    assert str(folder / "secret.jpg") not in out.by_path and out.report["bad_images"] == []
+    assert out.counts["circle"]["train"] == 8
+    assert reads and not [p for p in reads if p.is_relative_to(outside)]  # neither the key nor the scan read them
+
+
+def test_class_folder_link_leading_outside_is_skipped(split_dataset, tmp_path):
+    outside = tmp_path / "outside" / "hexagon"
+    write_images(outside, "circle", 4, start=600)
+    (split_dataset / "train" / "hexagon").symlink_to(outside, target_is_directory=True)
+    out = ingest(split_dataset, tmp_path / "artifacts")
+    assert out.classes == sorted(CLASSES) and out.report["warnings"] == []  # not taken for an empty class
+    assert [item["reason"] for item in out.report["ignored_files"]] == [outside_reason(outside, split_dataset)]
+
+
+def test_symlinks_inside_the_dataset_are_followed(split_dataset, tmp_path):
+    folder = split_dataset / "train" / "circle"
+    (folder / "copy.jpg").symlink_to(Path("..", "..", "val", "circle", "img_100.jpg"))
+    write_images(split_dataset / "pool" / "round", "circle", 3, start=400)
+    (split_dataset / "train" / "round").symlink_to(Path("..", "pool", "round"), target_is_directory=True)
+    more = Path("..", "..", "val", "circle")
+    (folder / "more").symlink_to(more, target_is_directory=True)
+    out = ingest(split_dataset, tmp_path / "artifacts")
+    assert out.by_path[str(folder / "copy.jpg")]["split"] == "train"
+    assert warnings_about(out, "leakage")  # the link and its target are the same image
+    assert "round" in out.classes and out.counts["round"]["train"] == 3
+    assert out.report["ignored_files"] == [{"path": str(folder / "more"), "link": str(more),
+                                            "reason": "symbolic link to a folder inside a class folder; not followed"}]
+
+
+def test_broken_symlink_is_listed(split_dataset, tmp_path):
+    link = split_dataset / "train" / "circle" / "gone.jpg"
+    link.symlink_to(tmp_path / "nowhere.jpg")
+    out = ingest(split_dataset, tmp_path / "artifacts")
+    assert [(i["path"], i["reason"]) for i in out.report["ignored_files"]] == [
+        (str(link), f"broken symbolic link to '{tmp_path / 'nowhere.jpg'}' (missing, or a loop)")]
+
+
+def test_follow_symlinks_reads_links_leading_outside(split_dataset, tmp_path):
+    secret = write_images(tmp_path / "outside", "circle", 1, start=800)[0]
+    link = split_dataset / "train" / "circle" / "secret.jpg"
+    link.symlink_to(secret)
+    out = ingest(split_dataset, tmp_path / "artifacts", follow_symlinks=True)
+    assert str(link) in out.by_path and out.report["ignored_files"] == []
+    assert out.by_path[str(link)]["sha256"] == hashlib.sha256(secret.read_bytes()).hexdigest()
+
+
+def test_followed_folder_link_is_part_of_the_cache_key(split_dataset, tmp_path):
+    outside = tmp_path / "outside" / "hexagon"
+    write_images(outside, "circle", 3, start=600)
+    (split_dataset / "train" / "hexagon").symlink_to(outside, target_is_directory=True)
+    runner = runner_for(split_dataset, tmp_path / "artifacts", follow_symlinks=True)
+    assert runner.run(["ingest"]) == ["ingest"]
+    assert outputs(tmp_path / "artifacts").counts["hexagon"]["train"] == 3
+    assert runner.run(["ingest"]) == []
+    write_images(outside, "circle", 1, start=700)
+    assert runner.freshness(BY_NAME["ingest"]).reasons == ["inputs changed"]
+
+
+def test_split_folder_link_leading_outside_is_an_error(tmp_path):
+    elsewhere = make_split_dataset(tmp_path / "elsewhere", counts={"train": 2}, splits=("train",))
+    root = make_split_dataset(tmp_path / "d", counts={"val": 1, "test": 1}, splits=("val", "test"))
+    (root / "train").symlink_to(elsewhere / "train", target_is_directory=True)
+    with pytest.raises(DataError) as excinfo:
+        runner_for(root, tmp_path / "artifacts").run(["ingest"])
+    message = str(excinfo.value)
+    assert f"'{root / 'train'}' is a symbolic link to '{(elsewhere / 'train').resolve()}'" in message
+    assert "set ingest.follow_symlinks: true" in message
+    assert not (tmp_path / "artifacts" / "ingest").exists()
+    out = ingest(root, tmp_path / "artifacts", follow_symlinks=True)
+    assert out.counts["circle"] == {"train": 2, "val": 1, "test": 1}
+
+
+# -- bad images, archive limits, the new keys ------------------------------------------------------
+
+def test_bad_image_reason_names_no_python_object(split_dataset, tmp_path):
+    page = split_dataset / "train" / "circle" / "page.jpg"
+    page.write_bytes(b"<!DOCTYPE html><html><body>404 Not Found</body></html>")  # a saved error page
+    out = ingest(split_dataset, tmp_path / "artifacts")
+    (reason,) = [item["reason"] for item in out.report["bad_images"] if item["path"] == str(page)]
+    assert reason == "does not decode as an image: not a format Pillow can read (the file starts with " \
+                     "b'<!DOCTYPE html><')"
+    with pytest.raises(DataError) as excinfo:
+        runner_for(split_dataset, tmp_path / "artifacts2", on_bad_image="fail").run(["ingest"])
+    assert f"bad image '{page}': does not decode as an image: not a format" in str(excinfo.value)
+    assert "object at 0x" not in str(excinfo.value)
+
+
+def test_archive_limits_come_from_the_ingest_config(split_dataset, tmp_path):
+    archive = zip_folder(split_dataset, tmp_path / "shapes.zip")
+    with zipfile.ZipFile(archive, "a", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("shapes/train/circle/zeros.bin", b"\0" * 1_000_000)
+    artifacts = tmp_path / "artifacts"
+    with pytest.raises(DataError, match="ingest.max_compression_ratio") as excinfo:
+        runner_for(archive, artifacts, max_compression_ratio=2).run(["ingest"])
+    assert str(archive) in str(excinfo.value)
+    assert not list(Catalog(artifacts).sources.iterdir()) and not (artifacts / "ingest").exists()
+    out = ingest(archive, artifacts)  # the default ratio lets it through
+    assert [Path(i["path"]).name for i in out.report["ignored_files"]] == ["zeros.bin"]
+
+
+@pytest.mark.parametrize("key, value", [("max_archive_gb", 0), ("max_compression_ratio", 0.5),
+                                        ("follow_symlinks", "yes")])
+def test_new_ingest_keys_are_validated(key, value):
+    with pytest.raises(ConfigError, match=f"ingest.{key}"):
+        from_dict({"ingest": {key: value}})

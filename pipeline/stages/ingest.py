@@ -1,7 +1,8 @@
 """Stage 1, ingest: scan a labelled image folder, check every file, and write the class list and image index.
 
 The source folder is only ever read. Labels are the sorted class folder names; `classes.txt` is the one file
-every later stage and every export reads them from.
+every later stage and every export reads them from. Symbolic links that lead outside the dataset folder are
+listed and skipped, never read, unless ingest.follow_symlinks is set.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import csv
 import hashlib
 import io
 import logging
+import os
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -22,7 +24,8 @@ INDEX_COLUMNS = ("split", "label", "path", "width", "height", "bytes", "sha256",
 
 
 def fingerprint(cfg):
-    """The dataset's identity for the cache key: its resolved path and every file's name, size and hash."""
+    """The dataset's identity for the cache key: its resolved path and every file's name, size and hash
+    (a symbolic link ingest does not follow: its target's name, never its content)."""
     path = cfg.data.path
     if path is None:
         return {"download": dataset.SNACKS_URL, "counts": dataset.SNACKS_COUNTS}
@@ -31,9 +34,21 @@ def fingerprint(cfg):
         return {"archive": str(path), "sha256": _cached_hash(path)}
     if not path.is_dir():
         return {"missing": str(path)}
-    files = sorted(p for p in path.rglob("*") if p.is_file())
-    return {"folder": str(path),
-            "files": [[str(p.relative_to(path)), p.stat().st_size, _cached_hash(p)] for p in files]}
+    return {"folder": str(path), "files": _file_entries(path, path, cfg.ingest.follow_symlinks, set())}
+
+
+def _file_entries(folder, root, follow, seen):
+    entries = []
+    for p in sorted(folder.rglob("*")):
+        name = str(p.relative_to(root))
+        if unfollowed_link(p, root, follow):
+            entries.append([name, "link", os.readlink(p)])
+        elif p.is_file():
+            entries.append([name, p.stat().st_size, _cached_hash(p)])
+        elif p.is_symlink() and p.resolve() not in seen:  # a folder link ingest may follow; rglob does not
+            seen.add(p.resolve())
+            entries += _file_entries(p, root, follow, seen)
+    return entries
 
 
 _HASHES = {}
@@ -47,22 +62,46 @@ def _cached_hash(path):
     return _HASHES[key]
 
 
+def unfollowed_link(path, root, follow):
+    """Why ingest does not follow `path` if it is a symbolic link that is broken, or (unless `follow`) leads
+    outside the resolved dataset folder `root`; None for anything else."""
+    if not path.is_symlink():
+        return None
+    try:
+        target = path.resolve(strict=True)
+    except (OSError, RuntimeError):  # a missing target, or a loop
+        return f"broken symbolic link to '{os.readlink(path)}' (missing, or a loop)"
+    if follow or target.is_relative_to(root):
+        return None
+    return (f"symbolic link to '{target}', outside the dataset folder '{root}'; not read "
+            "(set ingest.follow_symlinks: true to read such links)")
+
+
 def resolve_source(cfg, sources_dir):
     """The dataset folder to scan: the configured folder, an unpacked archive, or the downloaded snacks."""
     if cfg.data.path is None:
-        return dataset.download_snacks()
+        return dataset.download_snacks(cfg.ingest)
     path = Path(cfg.data.path).resolve()
     if path.is_file() or dataset.is_archive(path):
         if not dataset.is_archive(path):
             raise DataError(f"dataset path '{path}' is a file but not a .zip or .tar.gz archive; "
                             f"{dataset.LAYOUTS_HELP}")
-        return dataset.unpack_archive(path, sources_dir)
+        return dataset.unpack_archive(path, sources_dir, cfg.ingest)
     return path
 
 
-def _class_folders(split_dir, ignored):
+def _skipped_link(path, root, cfg, ignored):
+    reason = unfollowed_link(path, root, cfg.ingest.follow_symlinks)
+    if reason:
+        ignored.append({"path": str(path), "link": os.readlink(path), "reason": reason})
+    return bool(reason)
+
+
+def _class_folders(split_dir, root, cfg, ignored):
     folders = {}
     for entry in sorted(split_dir.iterdir()):
+        if _skipped_link(entry, root, cfg, ignored):
+            continue
         if entry.is_dir() and not entry.name.startswith((".", "__MACOSX")):
             folders[dataset.label_of(entry.name)] = entry
         else:
@@ -70,9 +109,17 @@ def _class_folders(split_dir, ignored):
     return folders
 
 
-def _scan_folder(folder, label, split, cfg, ignored, bad):
+def _scan_folder(folder, label, split, root, cfg, ignored, bad):
     rows = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    for path in sorted(folder.rglob("*")):
+        if _skipped_link(path, root, cfg, ignored):
+            continue
+        if path.is_symlink() and path.is_dir():
+            ignored.append({"path": str(path), "link": os.readlink(path),
+                            "reason": "symbolic link to a folder inside a class folder; not followed"})
+            continue
+        if not path.is_file():
+            continue
         if not is_image_name(path):
             ignored.append({"path": str(path), "reason": "not an image file name"})
             continue
@@ -96,15 +143,30 @@ def _scan_folder(folder, label, split, cfg, ignored, bad):
     return rows
 
 
+def check_folder_links(layout, cfg):
+    """Refuse a wrapper or split folder reached through a symbolic link that leads outside the dataset folder."""
+    if cfg.ingest.follow_symlinks:
+        return
+    root = layout.source.resolve()
+    for folder in (layout.root, *layout.split_dirs.values()):
+        parts = folder.relative_to(layout.source).parts
+        for step in (layout.source.joinpath(*parts[:i]) for i in range(1, len(parts) + 1)):
+            if not step.resolve().is_relative_to(root):
+                raise DataError(f"dataset folder '{step}' is a symbolic link to '{step.resolve()}', outside the "
+                                f"dataset folder '{root}'; ingest does not follow such links: set "
+                                "ingest.follow_symlinks: true, or pass --data to a folder that holds them all")
+
+
 def scan(layout, cfg):
     """Check every file of a dataset folder; return image rows, ignored files, bad images and notes."""
     ignored, bad, notes = [], [], []
     rows = []
+    root = layout.source.resolve()
     if layout.kind == "splits":
         for split, split_dir in layout.split_dirs.items():
-            for label, folder in _class_folders(split_dir, ignored).items():
+            for label, folder in _class_folders(split_dir, root, cfg, ignored).items():
                 log.info("scanning %s/%s", split, label)
-                rows += _scan_folder(folder, label, split, cfg, ignored, bad)
+                rows += _scan_folder(folder, label, split, root, cfg, ignored, bad)
         if "test" not in layout.split_dirs:
             notes.append(f"no test/ folder: the test split was made from the training images "
                          f"(ingest.test_ratio {cfg.ingest.test_ratio}, by content hash)")
@@ -115,9 +177,9 @@ def scan(layout, cfg):
     else:
         notes.append(f"no split folders: val and test were made per class by content hash "
                      f"(ingest.val_ratio {cfg.ingest.val_ratio}, ingest.test_ratio {cfg.ingest.test_ratio})")
-        for label, folder in _class_folders(layout.root, ignored).items():
+        for label, folder in _class_folders(layout.root, root, cfg, ignored).items():
             log.info("scanning %s", label)
-            for row in _scan_folder(folder, label, "train", cfg, ignored, bad):
+            for row in _scan_folder(folder, label, "train", root, cfg, ignored, bad):
                 row["split"] = dataset.assign_split(row["sha256"], cfg.ingest.seed,
                                                     cfg.ingest.val_ratio, cfg.ingest.test_ratio)
                 rows.append(row)
@@ -131,9 +193,9 @@ def check(rows, layout, cfg):
     for row in rows:
         counts[row["label"]][row["split"]] += 1
     all_labels = set(counts)
+    root = layout.source.resolve()
     for split_dir in layout.split_dirs.values() if layout.kind == "splits" else [layout.root]:
-        all_labels |= {dataset.label_of(p.name) for p in split_dir.iterdir()
-                       if p.is_dir() and not p.name.startswith((".", "__MACOSX"))}
+        all_labels |= set(_class_folders(split_dir, root, cfg, []))
     classes = sorted(label for label in all_labels if counts[label]["train"] > 0)
     for label in sorted(all_labels - set(classes)):
         n = sum(counts[label].values())
@@ -168,13 +230,17 @@ def run(ctx):
     cfg, out = ctx.cfg, ctx.out
     source = resolve_source(cfg, ctx.options["sources_dir"])
     layout = dataset.detect_layout(source)
+    check_folder_links(layout, cfg)
     log.info("scanning %s (%s layout)", layout.root, "split folders" if layout.kind == "splits" else "class folders")
     rows, ignored, bad, notes = scan(layout, cfg)
     classes, counts, warnings, leaks = check(rows, layout, cfg)
     for message in notes + warnings:
         log.warning(message)
+    for item in ignored:
+        if "link" in item:
+            log.warning("not following %s: %s", item["path"], item["reason"])
     if ignored:
-        log.info("ignored %d non-image file(s), listed in %s", len(ignored), out.report.name)
+        log.info("ignored %d file(s) (non-images, links not followed), listed in %s", len(ignored), out.report.name)
     rows = [r for r in rows if r["label"] in classes]
 
     fileio.write_text(out.classes, "".join(f"{label}\n" for label in classes))

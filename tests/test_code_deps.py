@@ -1,0 +1,110 @@
+"""Derived stage fingerprints: a stage's code key covers exactly the package modules it imports, however deep."""
+import ast
+import shutil
+from pathlib import Path
+
+import pytest
+from test_runner import smoke_cfg
+
+from pipeline import code_deps
+from pipeline.runner import Runner
+from pipeline.stages import BY_NAME, STAGES
+
+
+@pytest.fixture
+def fake_package(tmp_path, monkeypatch):
+    """A package laid out like ours: imports at the top, inside functions, relative, and of packages."""
+    root = tmp_path / "pipeline"
+    files = {
+        "__init__.py": "",
+        "a.py": "import os\nfrom pipeline import b\n\ndef f():\n    from pipeline.sub import c\n    return c\n",
+        "b.py": "from .sub.d import thing\n",
+        "sub/__init__.py": "",
+        "sub/c.py": "import pipeline.e\n",
+        "sub/d.py": "from .. import e\nthing = 1\n",
+        "e.py": "import numpy\n",
+        "unused.py": "import pipeline.a\n",
+    }
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    monkeypatch.setattr(code_deps, "ROOT", root)
+    return root
+
+
+def test_closure_follows_every_kind_of_import(fake_package):
+    # a -> b (top level) -> sub.d (relative) -> e (relative, "from .. import e");
+    # a -> sub.c (inside a function) -> e; and the packages pipeline and pipeline.sub they run
+    assert code_deps.closure(["pipeline.a"]) == ["pipeline", "pipeline.a", "pipeline.b", "pipeline.e",
+                                                 "pipeline.sub", "pipeline.sub.c", "pipeline.sub.d"]
+    assert code_deps.closure(["pipeline.e"]) == ["pipeline", "pipeline.e"]
+
+
+def test_unknown_module_is_an_error(fake_package):
+    with pytest.raises(ValueError, match="pipeline.nothing"):
+        code_deps.closure(["pipeline.nothing"])
+
+
+def _stages_importing(module):
+    return {stage.name for stage in STAGES if module in stage.code_modules()}
+
+
+def test_each_stage_covers_what_its_hand_written_list_missed():
+    assert "pipeline.backbones" in BY_NAME["finetune"].code_modules()
+    assert {"pipeline.models", "pipeline.training"} <= set(BY_NAME["evaluate"].code_modules())
+    assert "pipeline.backbones" in BY_NAME["export"].code_modules()
+    for stage in STAGES:
+        assert "pipeline.stages.ingest" in stage.code_modules()  # read_classes / read_index live there
+    assert {"pipeline.coreml_numpy", "pipeline.exporters.onnx"} <= set(BY_NAME["export"].code_modules())
+
+
+def test_which_stages_an_edit_reaches():
+    assert _stages_importing("pipeline.parity") == {"export"}
+    assert _stages_importing("pipeline.fileio") == {s.name for s in STAGES}
+    assert _stages_importing("pipeline.training") == {"train-head", "finetune", "evaluate"}
+
+
+def test_declared_config_sections_are_the_ones_each_stage_reads():
+    """Every `cfg.<section>` a stage module reads is in its declared sections, and nothing more."""
+    for stage in STAGES:
+        tree = ast.parse(Path(code_deps.source_file(stage.module)).read_text())
+        read = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute) and (
+            (isinstance(node.value, ast.Name) and node.value.id == "cfg")  # cfg.model
+            or (isinstance(node.value, ast.Attribute) and node.value.attr == "cfg"))}  # ctx.cfg.model
+        assert read == set(stage.sections), stage.name
+
+
+@pytest.mark.parametrize("module, stale", [("pipeline.parity", {"export"}),
+                                           ("pipeline.fileio", {s.name for s in STAGES})])
+def test_an_edited_module_makes_exactly_its_importers_stale(world, tmp_path, monkeypatch, module, stale):
+    artifacts = tmp_path / "artifacts"
+    shutil.copytree(world["artifacts"], artifacts)
+    runner = Runner(smoke_cfg(world), artifacts)
+    assert {row["stage"] for row in runner.status() if row["state"] != "fresh"} == set()
+    edited = tmp_path / "edited.py"
+    edited.write_text(code_deps.source_file(module).read_text() + "\n# an appended comment\n")
+    real = code_deps.source_file
+    monkeypatch.setattr(code_deps, "source_file", lambda name: edited if name == module else real(name))
+    reasons = {s.name: runner.freshness(s).reasons for s in STAGES}
+    assert {name for name, why in reasons.items() if why} == stale
+    assert all(why == ["code changed"] for name, why in reasons.items() if name in stale)
+
+
+def test_a_rerun_reruns_the_importers_and_only_what_their_new_bytes_reach(world, tmp_path, monkeypatch):
+    """pipeline.training is imported by train-head, finetune and evaluate. After an edit, all three rerun even
+    where the stage above wrote identical bytes; ingest and augment do not; export (which does not import it)
+    reruns exactly when finetune's model bytes changed."""
+    artifacts = tmp_path / "artifacts"
+    shutil.copytree(world["artifacts"], artifacts)
+    module = "pipeline.training"
+    assert _stages_importing(module) == {"train-head", "finetune", "evaluate"}
+    before = (artifacts / "finetune" / "model.h5").read_bytes()
+    edited = tmp_path / "edited.py"
+    edited.write_text(code_deps.source_file(module).read_text() + "\n# an appended comment\n")
+    real = code_deps.source_file
+    monkeypatch.setattr(code_deps, "source_file", lambda name: edited if name == module else real(name))
+    ran = Runner(smoke_cfg(world), artifacts).run([s.name for s in STAGES])
+    assert {"train-head", "finetune", "evaluate"} <= set(ran)
+    assert not {"ingest", "augment"} & set(ran)
+    changed = (artifacts / "finetune" / "model.h5").read_bytes() != before
+    assert ("export" in ran) == changed
