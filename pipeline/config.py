@@ -139,6 +139,9 @@ class TrainingConfig:
     schedule: `constant`; `plateau` (ReduceLROnPlateau on validation loss: lr_factor, lr_patience, min_lr);
         `cosine` (linear warm-up over warmup_epochs, then cosine decay to min_lr at the last epoch).
     label_smoothing: categorical cross-entropy's label smoothing (0 = none).
+    ema_momentum: keep an exponential moving average of the weights with this momentum (e.g. 0.99) and
+        copy it into the model at the end of every epoch, so validation, the kept best epoch and the saved
+        model are the averaged weights; null = none.
     patience: EarlyStopping patience on validation accuracy (the best epoch is restored).
     max_minutes: stop training after this many minutes (the best epoch so far is kept); null = no limit.
     flip_view, augmented_views: the fixed views of each training image that cached training computes once:
@@ -157,6 +160,7 @@ class TrainingConfig:
     lr_patience: int = 2
     min_lr: float = 1e-7
     label_smoothing: float = 0.0
+    ema_momentum: float | None = None
     patience: int = 3
     max_minutes: float | None = None
     flip_view: bool = True
@@ -177,6 +181,8 @@ class TrainingConfig:
         _check(f"{section}.min_lr", self.min_lr, 0 <= self.min_lr < self.learning_rate,
                f"a number >= 0 and below {section}.learning_rate")
         _check(f"{section}.label_smoothing", self.label_smoothing, 0 <= self.label_smoothing < 1, "a number in [0, 1)")
+        _check(f"{section}.ema_momentum", self.ema_momentum,
+               self.ema_momentum is None or 0 < self.ema_momentum < 1, "null or a number in (0, 1)")
         _check(f"{section}.patience", self.patience, self.patience >= 0, "an integer >= 0")
         _check(f"{section}.max_minutes", self.max_minutes, self.max_minutes is None or self.max_minutes > 0,
                "a positive number or null")

@@ -67,6 +67,14 @@ def _schedule_callbacks(keras, section):
     return []
 
 
+def _optimizer(keras, section, steps_per_epoch):
+    if section.ema_momentum is None:
+        return keras.optimizers.Adam(section.learning_rate)
+    # Overwriting once per epoch puts the average in the model before each validation and checkpoint.
+    return keras.optimizers.Adam(section.learning_rate, use_ema=True, ema_momentum=section.ema_momentum,
+                                 ema_overwrite_frequency=max(steps_per_epoch, 2))
+
+
 def fit(model, train, validation, section, files, **fit_kwargs):
     """Compile and fit `model`; keep the best epoch by validation accuracy; write history and curves.
 
@@ -76,7 +84,9 @@ def fit(model, train, validation, section, files, **fit_kwargs):
     """
     keras, TimeBudget, LearningRate = _callbacks()
     loss = keras.losses.CategoricalCrossentropy(label_smoothing=section.label_smoothing)
-    model.compile(optimizer=keras.optimizers.Adam(section.learning_rate), loss=loss, metrics=["accuracy"])
+    x, y = train if isinstance(train, tuple) else (train, None)
+    steps_per_epoch = len(x) if y is None else math.ceil(len(x) / section.batch_size)
+    model.compile(optimizer=_optimizer(keras, section, steps_per_epoch), loss=loss, metrics=["accuracy"])
     budget = TimeBudget(section.max_minutes)
     callbacks = [
         *_schedule_callbacks(keras, section),
@@ -89,7 +99,6 @@ def fit(model, train, validation, section, files, **fit_kwargs):
     ]
     keras.utils.set_random_seed(section.seed)
     t0 = time.monotonic()
-    x, y = train if isinstance(train, tuple) else (train, None)
     history = model.fit(x, y, validation_data=validation, epochs=section.epochs, callbacks=callbacks,
                         batch_size=section.batch_size if y is not None else None, verbose=keras_verbose(),
                         **fit_kwargs)

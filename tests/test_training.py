@@ -73,3 +73,18 @@ def test_label_smoothing_reaches_the_loss(tmp_path):
     p = [1 - 0.5 + 0.5 / 3, 0.5 / 3, 0.5 / 3]
     assert losses[0.5] >= -sum(q * math.log(q) for q in p) - 1e-3
     assert losses[0.0] < losses[0.5]
+
+
+def test_ema_puts_the_average_into_the_model_each_epoch(tmp_path):
+    """The average starts at the initial weights and moves by (1 - momentum) per step: with a momentum of
+    1 - 1e-9 it stays at the initial weights, so after an epoch the model holds them again; without it the
+    weights move."""
+    moved = {}
+    for momentum in (None, 1 - 1e-9):
+        head = models.build_head(ModelConfig(dropout=0.0), 3, 8)
+        initial = head.get_layer("logits").get_weights()[0].copy()
+        section = TrainHeadConfig(epochs=1, batch_size=16, learning_rate=0.05, ema_momentum=momentum)
+        training.fit(head, data(), data(seed=1), section, TrainFiles(tmp_path / str(momentum)))
+        moved[momentum] = np.abs(head.get_layer("logits").get_weights()[0] - initial).max()
+    assert moved[None] > 1e-2
+    assert moved[1 - 1e-9] < 1e-6

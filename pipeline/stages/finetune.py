@@ -62,7 +62,7 @@ def run(ctx):
     check_batch_size("finetune", section.batch_size, len(read_index(ingest, "train")))
     model = models.load(head_files.model)
     layers = unfreeze(model, cfg.model.backbone, section.unfreeze_from, section.freeze_batchnorm)
-    where = "the whole backbone" if section.unfreeze_from == "all" else f"{section.unfreeze_from} on"
+    where = "the whole backbone" if section.unfreeze_from == "all" else f"from {section.unfreeze_from} on"
     log.info("fine-tuning %s (%d trainable layers with weights, batchnorm %s, %s inputs)", where, layers,
              "frozen" if section.freeze_batchnorm else "trainable", section.inputs)
     if section.inputs == "cached":
