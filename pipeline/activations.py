@@ -78,6 +78,11 @@ class ArrayFile:
             os.close(self._fd)
             self._fd = None
 
+    def remove(self):
+        """Close the file and delete it (a stage's cache, once trained on)."""
+        self.close()
+        os.unlink(self.path)
+
 
 def write_outputs(model, batch_sources, path, dtype):
     """Run `model` over every batch of every source and write the outputs, in order, to the `.npy` at `path`.

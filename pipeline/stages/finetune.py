@@ -44,8 +44,7 @@ def _fit_cached(ctx, model):
                           views_per_epoch=section.views_per_epoch)
     summary = training.fit(upper, train, CachedBatches(val_x, val_y, n_classes, batch), section, out)
     for array in (x, val_x):
-        array.close()
-        array.path.unlink()
+        array.remove()
     return summary
 
 

@@ -37,8 +37,7 @@ def run(ctx):
                               views_per_epoch=section.views_per_epoch)
         summary = training.fit(head, train, CachedBatches(val_x, val_y, len(classes), batch), section, out)
         for array in (x, val_x):
-            array.close()
-            array.path.unlink()
+            array.remove()
         models.copy_head(head, model)
         how = f"cached features of {len(views)} view(s) of each training image"
     models.save(model, out.model)
