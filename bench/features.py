@@ -23,12 +23,12 @@ def main():
     size = int(sys.argv[sys.argv.index("--size") + 1]) if "--size" in sys.argv else 224
     k_aug = int(sys.argv[sys.argv.index("--aug-views") + 1]) if "--aug-views" in sys.argv else 3
     out.mkdir(parents=True, exist_ok=True)
-    cfg = config.from_dict({"data": {"path": data}, "model": {"image_size": size}})
+    cfg = config.from_dict({"data": {"path": data}, "model": {"image_size": size, "weights_dir": weights}})
     Runner(cfg, out / "artifacts").run(["augment"])
     cat = Catalog(out / "artifacts")
     ingest, augment = cat.stage("ingest"), cat.stage("augment")
-    classes = (ingest.classes).read_text().splitlines()
-    model = models.build_classifier(cfg.model, len(classes), weights)
+    classes = ingest.read_classes()
+    model = models.build_classifier(cfg.model, len(classes))
     extractor = models.feature_extractor(model)
     views = {"train": dict(split="train"), "train_flip": dict(split="train", flip=True),
              "val": dict(split="val"), "test": dict(split="test"), "test_flip": dict(split="test", flip=True)}

@@ -27,7 +27,6 @@ from pipeline.activations import CachedBatches, cache_split, cache_views, view_s
 from pipeline.augmentation import split_batches
 from pipeline.catalog import Catalog, TrainFiles
 from pipeline.stages.evaluate import metrics
-from pipeline.stages.ingest import read_classes
 
 
 def main():
@@ -36,7 +35,7 @@ def main():
     recipes = yaml.safe_load(recipes_path.read_text())
     catalog = Catalog(artifacts)
     ingest, augment = catalog.stage("ingest"), catalog.stage("augment")
-    classes = read_classes(ingest)
+    classes = ingest.read_classes()
     size, cut, batch = cfg.model.image_size, cfg.finetune.unfreeze_from, cfg.finetune.batch_size
     bank = max(r.get("augmented_views", cfg.finetune.augmented_views) for r in recipes.values())
     scratch = Path(tempfile.mkdtemp(prefix="recipes-", dir=artifacts))

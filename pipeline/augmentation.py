@@ -8,6 +8,7 @@ import math
 import numpy as np
 
 from pipeline.backbones import BACKBONES, scale_bias
+from pipeline.catalog import class_indices
 from pipeline.images import load_array
 
 PREPROCESS_KEYS = ("input_scale", "input_bias")
@@ -56,8 +57,7 @@ class ImageBatches(_sequence_base()):
                  flip=False, seed=0):
         super().__init__()
         self.paths = [row["path"] for row in rows]
-        index = {label: i for i, label in enumerate(classes)}
-        self.labels = np.array([index[row["label"]] for row in rows], dtype=int)
+        self.labels = class_indices(rows, classes)
         self.n_classes = len(classes)
         self.size, self.generator, self.batch_size = size, generator, batch_size
         self.augment, self.shuffle, self.flip = augment, shuffle, flip
@@ -94,8 +94,7 @@ def split_batches(ingest_files, augment_files, split, size, batch_size, augment=
                   flip=False, seed=0):
     """Batches of one split of ingest's index, through the generator saved by the augment stage."""
     from pipeline.fileio import read_json
-    from pipeline.stages.ingest import read_classes, read_index
 
     generator = make_generator(read_json(augment_files.settings), augment)
-    return ImageBatches(read_index(ingest_files, split), read_classes(ingest_files), size, generator,
+    return ImageBatches(ingest_files.read_index(split), ingest_files.read_classes(), size, generator,
                         batch_size, augment=augment, shuffle=shuffle, flip=flip, seed=seed)

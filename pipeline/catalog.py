@@ -1,4 +1,4 @@
-"""Every artifact path, in one place.
+"""Every artifact path, and the readers and writers of the files other stages read, in one place.
 
 Each stage writes into its own folder under the artifacts root. A stage's file names are defined here as
 attributes of a small class bound to that folder, so the runner can bind the same names to a temporary
@@ -6,8 +6,12 @@ folder while the stage runs and swap it into place when the stage succeeds.
 """
 from __future__ import annotations
 
+import csv
+import io
 import os
 from pathlib import Path
+
+from pipeline import fileio
 
 MANIFEST = "manifest.json"
 RESOLVED_CONFIG = "config.yaml"
@@ -35,6 +39,45 @@ class IngestFiles(StageFiles):
     index = property(lambda self: self.root / "index.csv")
     counts = property(lambda self: self.root / "counts.csv")
     report = property(lambda self: self.root / "ingest_report.json")
+
+    def write_classes(self, classes):
+        """Write the class labels, one per line, in output order."""
+        fileio.write_text(self.classes, "".join(f"{label}\n" for label in classes))
+
+    def read_classes(self):
+        """The class labels written by ingest, in output order."""
+        return [line for line in self.classes.read_text(encoding="utf-8").splitlines() if line]
+
+    def write_index(self, columns, rows):
+        """Write the image index: one row per image (path, label, split, ...), as CSV."""
+        fileio.write_text(self.index, csv_text(columns, rows))
+
+    def read_index(self, split=None):
+        """The image index written by ingest: a list of rows (dicts with path, label, split), optionally of one split."""
+        with open(self.index, newline="", encoding="utf-8") as f:
+            return [row for row in csv.DictReader(f) if split is None or row["split"] == split]
+
+
+def class_indices(rows, classes):
+    """Each row's class as its index in `classes` (the output order of every model); an unknown label is an error."""
+    import numpy as np
+
+    from pipeline.errors import DataError
+
+    index = {label: i for i, label in enumerate(classes)}
+    unknown = sorted({row["label"] for row in rows} - set(index))
+    if unknown:
+        raise DataError(f"labels {unknown} are not in the class list {list(classes)}: rerun ingest")
+    return np.array([index[row["label"]] for row in rows], dtype=int)
+
+
+def csv_text(columns, rows):
+    """Rows (dicts) as CSV text with a header of `columns`."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
 
 
 class AugmentFiles(StageFiles):
@@ -66,6 +109,7 @@ class EvaluateFiles(StageFiles):
     confusion = property(lambda self: self.root / "confusion.png")
     worst = property(lambda self: self.root / "worst.png")
     report = property(lambda self: self.root / "report.md")
+    report_html = property(lambda self: self.root / "report.html")  # the same, self-contained (images embedded)
 
 
 class ExportFiles(StageFiles):
@@ -75,9 +119,19 @@ class ExportFiles(StageFiles):
     checks = property(lambda self: self.root / "export.json")
     parity = property(lambda self: self.root / "parity.md")
 
-    def model(self, name, suffix):
-        """The exported model file of one format."""
-        return self.root / f"{name}{suffix}"
+    def model(self, name, format_name):
+        """The exported file of format `format_name` (a key of pipeline.exporters.FORMATS) for model `name`."""
+        from pipeline.exporters import FORMATS
+
+        return self.root / f"{name}{FORMATS[format_name].suffix}"
+
+    def write_labels(self, labels):
+        """Write labels.txt, shipped beside the exported files (one label per line, in output order)."""
+        fileio.write_text(self.labels, "".join(f"{label}\n" for label in labels))
+
+    def read_labels(self):
+        """The labels shipped beside the exported files."""
+        return self.labels.read_text(encoding="utf-8").splitlines()
 
 
 STAGE_FILES = {

@@ -7,12 +7,10 @@ import sys
 import click
 
 from pipeline import config as config_module
-from pipeline import predict
-from pipeline.backbones import WEIGHTS_DIR_ENV
+from pipeline import predict, quiet
 from pipeline.catalog import Catalog
-from pipeline.errors import ExportError, PipelineError
-from pipeline.exporters import FORMATS
-from pipeline.parity import blocking_failures, table
+from pipeline.errors import PipelineError
+from pipeline.parity import table
 from pipeline.predict import RUNNABLE
 from pipeline.stages import export as export_stage
 from pipeline.runner import Runner, stage_names
@@ -28,13 +26,16 @@ log = logging.getLogger("pipeline")
               help="The dataset: a folder or .zip/.tar.gz archive (overrides data.path in the config).")
 @click.option("--artifacts", type=click.Path(file_okay=False), default="artifacts", show_default=True,
               help="Folder for every stage's outputs and cache manifests.")
-@click.option("--weights-dir", type=click.Path(file_okay=False), envvar=WEIGHTS_DIR_ENV, default=None,
-              help=f"Folder of Keras weight files to use before Keras's cache and download [env {WEIGHTS_DIR_ENV}].")
+@click.option("--weights-dir", type=click.Path(file_okay=False), default=None,
+              help="Folder of Keras weight files to use before Keras's cache and download (overrides "
+                   f"model.weights_dir, whose default is ${config_module.WEIGHTS_DIR_ENV}).")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override one config value, validated like the file's (repeatable): --set finetune.epochs=5.")
 @click.option("--force", is_flag=True, help="Rerun the named stages even if they are fresh.")
 @click.option("-v", "--verbose", is_flag=True, help="Log debugging detail.")
 @click.option("-q", "--quiet", is_flag=True, help="Log warnings and errors only.")
 @click.pass_context
-def cli(ctx, config_path, data, artifacts, weights_dir, force, verbose, quiet):
+def cli(ctx, config_path, data, artifacts, weights_dir, overrides, force, verbose, quiet):
     """MultiSnacks: train an image classifier from a folder of labelled photos and export it for iOS.
 
     Stages run in order ingest, augment, train-head, finetune, evaluate, export. Naming a stage runs any
@@ -42,7 +43,7 @@ def cli(ctx, config_path, data, artifacts, weights_dir, force, verbose, quiet):
     `python -m pipeline finetune evaluate`.
     """
     ctx.obj = dict(config_path=config_path, data=data, artifacts=artifacts, weights_dir=weights_dir,
-                   force=force, verbose=verbose, quiet=quiet)
+                   overrides=overrides, force=force, verbose=verbose, quiet=quiet)
 
 
 def _stage_command(name, help_text):
@@ -101,10 +102,14 @@ def predict_command(path, format_name, top_k):
 def _execute(ctx, results, **_):
     opts = ctx.obj
     _setup_logging(opts["verbose"], opts["quiet"])
+    quiet.configure(opts["verbose"])
     try:
-        cfg = config_module.load(opts["config_path"], data=opts["data"])
-        runner = Runner(cfg, opts["artifacts"], options={"weights_dir": opts["weights_dir"]})
+        cfg = config_module.load(opts["config_path"], data=opts["data"], overrides=opts["overrides"],
+                                 weights_dir=opts["weights_dir"])
+        runner = Runner(cfg, opts["artifacts"])
         targets = [name for kind, names in results if kind == "run" for name in names]
+        if targets or any(kind in ("verify", "predict") for kind, _ in results):
+            quiet.load_tensorflow()
         if targets:
             runner.run(targets, force=set(targets) if opts["force"] else set())
         if any(kind == "status" for kind, _ in results):
@@ -125,18 +130,9 @@ def _execute(ctx, results, **_):
 
 
 def _verify(cfg, artifacts):
-    catalog = Catalog(artifacts)
-    export = catalog.stage("export")
-    files = {name: export.model(cfg.export.name, FORMATS[name].suffix) for name in cfg.export.formats}
-    missing = [str(path) for path in files.values() if not path.exists()]
-    if missing:
-        raise PipelineError(f"no exported file {', '.join(missing)}: run `python -m pipeline export` first")
-    inputs = {name: catalog.stage(name) for name in ("ingest", "finetune", "evaluate")}
-    rows = export_stage.parity(cfg, inputs, files)
+    rows = export_stage.verify(cfg, Catalog(artifacts))
     click.echo(table(rows), nl=False)
-    failed = blocking_failures(rows)
-    if failed:
-        raise ExportError("; ".join(f"{r['title']}: {r['verdict']}" for r in failed))
+    export_stage.stop_on_failures(rows, show_table=False)  # just printed
 
 
 def format_status(rows):

@@ -6,6 +6,7 @@ wrong types and impossible values with a message naming the key, the value and w
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ import yaml
 from pipeline.errors import ConfigError
 
 DEFAULT_CONFIG = Path("configs/multisnacks.yaml")
+WEIGHTS_DIR_ENV = "MULTISNACKS_WEIGHTS_DIR"
 
 
 @dataclass(frozen=True)
@@ -104,11 +106,14 @@ class AugmentConfig:
 class ModelConfig:
     """The network: a frozen ImageNet backbone under GlobalAveragePooling -> Dropout -> Dense(L2) -> softmax.
 
-    backbone: a name from pipeline.backbones.BACKBONES (mobilenet, mobilenet_v2, efficientnet_lite0).
+    backbone: a name from pipeline.backbones.BACKBONES (mobilenet, mobilenet_v2, efficientnet_lite0, resnet50).
     alpha: the width multiplier, one the backbone offers (MobileNet v1: 0.25, 0.5, 0.75, 1.0); null = the
         backbone's default (MobileNet v1: 0.75).
     image_size: the square input size in pixels, also the exported models' input size.
     weights: `imagenet`, or null for random initialisation (tests only).
+    weights_dir: a folder of Keras weight files, looked in before Keras's cache and download; when the config
+        does not set it, $MULTISNACKS_WEIGHTS_DIR if set (the --weights-dir option sets it too). Not part of the
+        cache key: it says where a file is, not what to compute.
     dropout, l2: the head's dropout rate and the Dense layer's L2 factor.
     """
 
@@ -116,6 +121,8 @@ class ModelConfig:
     alpha: float | None = None
     image_size: int = 224
     weights: typing.Literal["imagenet"] | None = "imagenet"
+    weights_dir: str | None = field(default_factory=lambda: os.environ.get(WEIGHTS_DIR_ENV) or None,
+                                    metadata={"cache_key": False})
     dropout: float = 0.5
     l2: float = 0.001
 
@@ -246,10 +253,14 @@ class EvaluateConfig:
     """Evaluation on the test split.
 
     tta_flip: also report accuracy with the prediction averaged over the image and its mirror image.
+    vision_options: also measure test accuracy with the photos cropped and scaled as each of Vision's options
+        does (centerCrop, scaleFill, scaleFit; two more passes over the test split), for the report's "Using the
+        model in your app" and the option the Core ML input's description recommends.
     worst_count: how many confidently wrong predictions to list and show.
     """
 
     tta_flip: bool = True
+    vision_options: bool = True
     worst_count: int = 16
     batch_size: int = 64
 
@@ -258,17 +269,18 @@ class EvaluateConfig:
         _check("evaluate.batch_size", self.batch_size, self.batch_size >= 1, "a positive integer")
 
 
-def _all_formats():
+def _default_formats():
     from pipeline.exporters import FORMATS
 
-    return FORMATS
+    return [name for name, fmt in FORMATS.items() if fmt.default]
 
 
 @dataclass(frozen=True)
 class ExportConfig:
     """The exported models and what they say about themselves.
 
-    formats: any of the names in pipeline.exporters.FORMATS.
+    formats: any of the names in pipeline.exporters.FORMATS; by default all but the 8-bit variants
+        (coreml-int8, tflite-int8), which are exported only when named (see FORMATS).
     check_images: how many test images each export is checked on against Keras; null = all.
     max_probability_difference: the largest class-probability difference from Keras an fp32 export may show.
     min_top1_agreement: the smallest fraction of checked images whose top-1 class must equal Keras's (fp32).
@@ -278,7 +290,7 @@ class ExportConfig:
     """
 
     name: str = "MultiSnacks"
-    formats: list[str] = field(default_factory=lambda: list(_all_formats()))
+    formats: list[str] = field(default_factory=_default_formats)
     author: str = "MultiSnacks"
     license: str = "Model: MIT. Training images: CC BY 2.0 (see the dataset's credits)."
     description: str = "Classifies a photo of a snack into one of the dataset's classes."
@@ -333,6 +345,24 @@ class Config:
     def section(self, name):
         """The dict of one section's resolved values."""
         return dataclasses.asdict(getattr(self, name))
+
+    def key_section(self, name):
+        """The values of section `name` (or of the one key `section.key`) that are part of a stage's cache key:
+        all but locations such as model.weights_dir."""
+        section_name, _, key = name.partition(".")
+        section = getattr(self, section_name)
+        values = {f.name: value for f, value in zip(dataclasses.fields(section), self.section(section_name).values())
+                  if f.metadata.get("cache_key", True)}
+        return {key: values[key]} if key else values
+
+    def resolved(self, names):
+        """{section: values} of the sections and `section.key`s in `names`, as a stage's config.yaml records them."""
+        resolved = {}
+        for name in names:
+            section_name, _, key = name.partition(".")
+            values = self.section(section_name)
+            resolved.setdefault(section_name, {}).update({key: values[key]} if key else values)
+        return resolved
 
 
 def _check(key, value, ok, allowed):
@@ -403,8 +433,40 @@ def from_dict(raw):
     return cfg
 
 
-def load(path=DEFAULT_CONFIG, data=None):
-    """Load a YAML config file, apply a `--data` override, and validate it."""
+def apply_overrides(raw, overrides):
+    """The raw config dict with each `section.key=value` of `overrides` set (the value read as YAML)."""
+    raw = dict(raw or {})
+    for item in overrides:
+        name, sep, text = item.partition("=")
+        parts = name.strip().split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            raise ConfigError(f"--set '{item}' is not section.key=value (for example --set finetune.epochs=5)")
+        section, key = parts
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set '{item}': the value is not valid YAML ({exc})") from exc
+        value = _number_or_value(value)
+        current = raw.get(section)
+        raw[section] = {**(current if isinstance(current, dict) else {}), key: value}
+    return raw
+
+
+def _number_or_value(value):
+    """YAML 1.1 reads `1e-4` as a string; on the command line it means the number."""
+    if isinstance(value, str):
+        try:
+            return float(value) if value.strip().lower() not in ("nan", "inf", "-inf", "infinity") else value
+        except ValueError:
+            pass
+    return value
+
+
+def load(path=DEFAULT_CONFIG, data=None, overrides=(), weights_dir=None):
+    """Load a YAML config file, apply `--set section.key=value` overrides, `--data` and `--weights-dir`, and validate.
+
+    The overrides are validated like the file's own values, and take part in every stage's cache key.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist; pass --config PATH to an existing YAML file")
@@ -416,6 +478,13 @@ def load(path=DEFAULT_CONFIG, data=None):
         cfg = from_dict(raw)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
+    if overrides:
+        try:
+            cfg = from_dict(apply_overrides(raw, overrides))
+        except ConfigError as exc:
+            raise ConfigError(f"{path} with --set {' '.join(overrides)}: {exc}") from exc
     if data is not None:
         cfg = dataclasses.replace(cfg, data=DataConfig(path=str(data)))
+    if weights_dir is not None:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights_dir=str(weights_dir)))
     return cfg

@@ -34,10 +34,15 @@ def _blocks_args():
     return args
 
 
+# Blocks per stage, as in EfficientNet-B0 (Lite0 keeps B0's depth). Known here without importing tf_keras, so
+# that the registry and config validation stay light; a test checks it against tf_keras's block arguments.
+STAGE_REPEATS = (1, 2, 2, 3, 3, 4, 1)
+
+
 def block_names():
     """The names of Lite0's 16 blocks in order (`block1a`, `block2a`, `block2b`, ..., `block7a`)."""
-    return [f"block{i + 1}{string.ascii_lowercase[j]}" for i, args in enumerate(_blocks_args())
-            for j in range(args["repeats"])]
+    return [f"block{i + 1}{string.ascii_lowercase[j]}" for i, repeats in enumerate(STAGE_REPEATS)
+            for j in range(repeats)]
 
 
 def build(image_size, include_top=False, classes=1000):

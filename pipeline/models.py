@@ -14,11 +14,11 @@ def _head_layers(model_cfg, n_classes):
     ]
 
 
-def build_classifier(model_cfg, n_classes, weights_dir=None):
+def build_classifier(model_cfg, n_classes):
     """The full classifier with its backbone frozen; the backbone always runs in inference mode."""
     import tf_keras as keras
 
-    base = build_base(model_cfg, weights_dir)
+    base = build_base(model_cfg)
     base.trainable = False
     inputs = keras.Input((model_cfg.image_size, model_cfg.image_size, 3), name="image")
     x = keras.layers.GlobalAveragePooling2D(name="pool")(base(inputs, training=False))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.exporters import FORMATS, Predictor, compare, in_label_order
+from pipeline.exporters import FORMATS, Predictor, compare, coreml_runtime, in_label_order
 
 KERAS = "keras"
 
@@ -18,7 +18,7 @@ KERAS = "keras"
 def keras_predictor(model, meta):
     """The Keras model as a Predictor on raw pixels, preprocessed by the backbone's scale and bias."""
     def predict(pixels, batch_size=64):
-        return np.concatenate([model(pixels[i:i + batch_size] * meta.scale + meta.bias, training=False).numpy()
+        return np.concatenate([model(meta.preprocess(pixels[i:i + batch_size]), training=False).numpy()
                                for i in range(0, len(pixels), batch_size)])
 
     return Predictor(labels=list(meta.labels), image_size=meta.image_size, predict=predict)
@@ -54,26 +54,39 @@ def measure(files, model, model_path, meta, pixels, truth, settings, log=None):
              "images": len(pixels), "accuracy": keras_accuracy, "accuracy_drop": 0.0, "top1_agreement": 1.0,
              "max_probability_difference": 0.0, "latency_ms": latency_ms(keras, pixels, settings.latency_images),
              "problems": [], "passed": True, "verdict": "reference"}]
+    native = coreml_runtime.available()
     for name, path in files.items():
         fmt = FORMATS[name]
         module = fmt.exporter()
-        row = {"format": name, "title": fmt.title, "file": Path(path).name, "precision": fmt.precision,
-               "megabytes": megabytes(path), "checked_by": fmt.runtime or "spec only (no runtime on Linux)",
-               "problems": module.problems(path, meta), "latency_ms": None}
-        predictor = module.load(path, meta.labels)
-        if predictor is not None:
-            t0 = time.monotonic()
-            probabilities = in_label_order(predictor.predict(pixels), predictor.labels, meta.labels)
-            accuracy = float((probabilities.argmax(1) == truth).mean())
-            row.update(compare(probabilities, expected), accuracy=accuracy,
-                       accuracy_drop=keras_accuracy - accuracy, seconds=round(time.monotonic() - t0, 1))
-            if fmt.timed:
-                row["latency_ms"] = latency_ms(predictor, pixels, settings.latency_images)
-        row["passed"], row["verdict"] = judge(row, fmt, settings)
-        rows.append(row)
-        if log:
-            log(row)
+        base = {"format": name, "title": fmt.title, "file": Path(path).name, "precision": fmt.precision,
+                "megabytes": megabytes(path), "problems": module.problems(path, meta), "latency_ms": None}
+        runs = [(fmt.runtime or "spec only (no runtime on Linux)", module.load(path, meta.labels), fmt.timed)]
+        if fmt.native and native:
+            runs.append((coreml_runtime.TITLE, coreml_runtime.load(path, meta.labels), True))
+        for n, (checked_by, predictor, timed) in enumerate(runs):
+            row = {**base, "checked_by": checked_by}
+            if n:
+                row.update(format=f"{name}@coreml", title=f"{fmt.title}, on Core ML")
+            elif fmt.native and not native:
+                row["native_absent"] = coreml_runtime.ABSENT
+            if predictor is not None:
+                row.update(_measured(predictor, pixels, truth, expected, keras_accuracy, meta.labels))
+                if timed:
+                    row["latency_ms"] = latency_ms(predictor, pixels, settings.latency_images)
+            row["passed"], row["verdict"] = judge(row, fmt, settings)
+            rows.append(row)
+            if log:
+                log(row)
     return rows
+
+
+def _measured(predictor, pixels, truth, expected, keras_accuracy, labels):
+    """Accuracy, agreement and largest difference from Keras of one predictor on the check images."""
+    t0 = time.monotonic()
+    probabilities = in_label_order(predictor.predict(pixels), predictor.labels, labels)
+    accuracy = float((probabilities.argmax(1) == truth).mean())
+    return {**compare(probabilities, expected), "accuracy": accuracy, "accuracy_drop": keras_accuracy - accuracy,
+            "seconds": round(time.monotonic() - t0, 1)}
 
 
 def judge(row, fmt, settings):
@@ -118,4 +131,5 @@ def table(rows):
                  f"{r['latency_ms']:.1f}" if r.get("latency_ms") is not None else "-",
                  r["checked_by"], r["verdict"])
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    notes = sorted({r["native_absent"] for r in rows if "native_absent" in r})
+    return "\n".join(lines + [""] * bool(notes) + notes) + "\n"

@@ -6,13 +6,11 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import models
-from pipeline.backbones import BACKBONES
 from pipeline.catalog import Catalog
 from pipeline.errors import PipelineError
-from pipeline.exporters import FORMATS, ExportMeta
+from pipeline.exporters import FORMATS, coreml_runtime, model_meta
 from pipeline.images import BadImage, is_image_name, load_array
 from pipeline.parity import KERAS, keras_predictor
-from pipeline.stages.ingest import read_classes
 
 # Formats something on Linux can run, so `predict` can use them.
 RUNNABLE = (KERAS, *[name for name, fmt in FORMATS.items() if fmt.runtime])
@@ -39,15 +37,14 @@ def load_predictor(format_name, cfg, artifacts):
     if format_name == KERAS:
         model_path = catalog.stage("finetune").model
         _require(model_path, "finetune")
-        backbone = BACKBONES[cfg.model.backbone]
-        meta = ExportMeta(labels=read_classes(ingest), image_size=cfg.model.image_size, scale=backbone.input_scale,
-                          bias=backbone.input_bias, author="", license="", description="", version="")
-        return keras_predictor(models.load(model_path), meta)
+        return keras_predictor(models.load(model_path), model_meta(cfg.model, ingest.read_classes()))
     fmt = FORMATS[format_name]
-    path = export.model(cfg.export.name, fmt.suffix)
+    path = export.model(cfg.export.name, format_name)
     _require(path, "export", f" with '{format_name}' in export.formats")
     _require(export.labels, "export")
-    labels = export.labels.read_text(encoding="utf-8").splitlines()
+    labels = export.read_labels()
+    if fmt.native and coreml_runtime.available():  # Core ML itself, on a Mac
+        return coreml_runtime.load(path, labels)
     return fmt.exporter().load(path, labels)
 
 

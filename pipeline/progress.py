@@ -21,7 +21,8 @@ class Progress:
         if sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=description, unit=f" {unit}", leave=False, file=sys.stderr)
+            self.bar = tqdm(total=total, desc=description, unit=f" {unit}", leave=False, file=sys.stderr,
+                            disable=False)  # TQDM_DISABLE (pipeline/__init__.py) is for the libraries' bars
 
     def advance(self, n=1):
         """Record `n` more units done."""

@@ -8,7 +8,7 @@ import os
 import shutil
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -24,12 +24,13 @@ log = logging.getLogger("pipeline")
 
 @dataclass
 class StageContext:
-    """What a stage function gets: the config, its upstream stages' files, and its own output files."""
+    """What a stage function gets: the config, its upstream stages' files, its own output files, and the folder
+    where dataset archives are unpacked (ingest's; it outlives any one run)."""
 
     cfg: object
     inputs: dict
     out: object
-    options: dict = field(default_factory=dict)
+    sources_dir: Path | None = None
 
 
 @dataclass
@@ -49,10 +50,9 @@ def _module_source_hash(modules):
 class Runner:
     """Plans and runs stages against one config and one artifacts folder."""
 
-    def __init__(self, cfg, artifacts="artifacts", options=None):
+    def __init__(self, cfg, artifacts="artifacts"):
         self.cfg = cfg
         self.catalog = Catalog(artifacts)
-        self.options = {"sources_dir": self.catalog.sources, **(options or {})}
 
     # -- keys and manifests -------------------------------------------------------------------------
     def key(self, stage):
@@ -63,7 +63,7 @@ class Runner:
             manifest = self.manifest(name)
             upstream[name] = manifest["outputs"] if manifest else None
         return {
-            "config": fileio.sha256_json({s: self.cfg.section(s) for s in stage.sections}),
+            "config": fileio.sha256_json({s: self.cfg.key_section(s) for s in stage.sections}),
             "code": _module_source_hash(stage.code_modules()),
             "inputs": fileio.sha256_json({"upstream": upstream, "external": external}),
         }
@@ -128,9 +128,9 @@ class Runner:
         started = datetime.now(timezone.utc)
         t0 = time.monotonic()
         try:
-            summary = module.run(StageContext(self.cfg, inputs, out, self.options)) or {}
+            summary = module.run(StageContext(self.cfg, inputs, out, self.catalog.sources)) or {}
             duration = time.monotonic() - t0
-            resolved = {s: self.cfg.section(s) for s in stage.sections}
+            resolved = self.cfg.resolved(stage.sections)
             fileio.write_text(out.resolved_config, yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
             outputs = {
                 str(p.relative_to(tmp)): fileio.sha256_file(p)

@@ -13,6 +13,15 @@ from pipeline import fileio
 log = logging.getLogger("pipeline.training")
 
 
+def check_batch_size(section_name, batch_size, n_train):
+    """A batch larger than the training set is a config error naming the key."""
+    from pipeline.errors import ConfigError
+
+    if batch_size > n_train:
+        raise ConfigError(f"config key '{section_name}.batch_size' has value {batch_size}, larger than the "
+                          f"training set ({n_train} images); set it to at most {n_train}")
+
+
 def _callbacks():
     import tf_keras as keras
 

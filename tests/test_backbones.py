@@ -4,12 +4,13 @@ import numpy as np
 import pytest
 
 from pipeline import backbones
-from pipeline.config import ModelConfig
+from pipeline.config import WEIGHTS_DIR_ENV, ModelConfig
 from pipeline.errors import WeightsError
 
 
-def tiny(image_size=32, weights="imagenet"):
-    return ModelConfig(alpha=0.25, image_size=image_size, weights=weights)
+def tiny(image_size=32, weights="imagenet", **folder):
+    """A small MobileNet config; `weights_dir=` if given, else the field's own default (the environment)."""
+    return ModelConfig(alpha=0.25, image_size=image_size, weights=weights, **folder)
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +28,7 @@ def test_weight_file_names_are_kerass():
     assert backbones.mobilenet_weight_file(1.0, 160) == "mobilenet_1_0_160_tf_no_top.h5"
     assert (backbones.mobilenet_v2_weight_file(1.0, 224)
             == "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5")
+    assert backbones.resnet50_weight_file(1.0, 160) == "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
 
 
 @pytest.mark.parametrize("name, module", [("mobilenet", "mobilenet"), ("mobilenet_v2", "mobilenet_v2")])
@@ -40,6 +42,25 @@ def test_preprocessing_matches_kerass_preprocess_input(name, module):
                                atol=1e-6)
 
 
+def test_resnet50_on_rgb_computes_what_kerass_bgr_network_does(monkeypatch, tmp_path):
+    """Keras's ResNet50 takes preprocess_input's output (BGR minus the mean); ours takes RGB * scale + bias with
+    the BGR weights' first convolution reversed, and must compute the same features from the same pixels."""
+    import tf_keras as keras
+    from tf_keras.applications.resnet50 import preprocess_input
+
+    bgr = keras.applications.ResNet50(input_shape=(32, 32, 3), include_top=False, weights=None)
+    path = tmp_path / "models" / backbones.resnet50_weight_file(1.0, 224)
+    path.parent.mkdir()
+    bgr.save_weights(str(path))
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    rgb = backbones.build_base(ModelConfig(backbone="resnet50", image_size=32))
+    spec = backbones.BACKBONES["resnet50"]
+    pixels = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    want = bgr.predict(preprocess_input(pixels.copy()), verbose=0)
+    got = rgb.predict(backbones.scale_bias(pixels, spec.input_scale, spec.input_bias), verbose=0)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
 def test_lite0_preprocessing_is_googles():
     spec = backbones.BACKBONES["efficientnet_lite0"]
     x = np.array([0.0, 127.0, 255.0])
@@ -50,7 +71,7 @@ def test_lite0_preprocessing_is_googles():
 def test_loads_from_weights_dir_at_any_size(weight_file, size, monkeypatch, tmp_path):
     path, weights = weight_file
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "empty-keras-home"))
-    base = backbones.build_base(tiny(size), weights_dir=path.parent)
+    base = backbones.build_base(tiny(size, weights_dir=str(path.parent)))
     for got, want in zip(base.get_weights(), weights):
         np.testing.assert_array_equal(got, want)
 
@@ -58,7 +79,7 @@ def test_loads_from_weights_dir_at_any_size(weight_file, size, monkeypatch, tmp_
 def test_environment_variable_names_the_folder(weight_file, monkeypatch, tmp_path):
     path, weights = weight_file
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "empty-keras-home"))
-    monkeypatch.setenv(backbones.WEIGHTS_DIR_ENV, str(path.parent))
+    monkeypatch.setenv(WEIGHTS_DIR_ENV, str(path.parent))
     base = backbones.build_base(tiny(32))
     np.testing.assert_array_equal(base.get_weights()[0], weights[0])
 
@@ -75,6 +96,7 @@ def test_keras_cache_is_used(weight_file, monkeypatch, tmp_path):
 @pytest.mark.parametrize("name, application, alpha, wanted", [
     ("mobilenet", "MobileNet", 0.25, "mobilenet_2_5_224_tf_no_top.h5"),
     ("mobilenet_v2", "MobileNetV2", 0.35, "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"),
+    ("resnet50", "ResNet50", 1.0, "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"),
 ])
 def test_missing_weights_name_the_file_and_where_to_put_it(monkeypatch, tmp_path, name, application, alpha, wanted):
     import tf_keras as keras
@@ -92,12 +114,12 @@ def test_missing_weights_name_the_file_and_where_to_put_it(monkeypatch, tmp_path
         backbones.build_base(ModelConfig(backbone=name, alpha=alpha, image_size=32))
     message = str(err.value)
     assert wanted in message and name in message
-    assert str(tmp_path / "models") in message and backbones.WEIGHTS_DIR_ENV in message
+    assert str(tmp_path / "models") in message and WEIGHTS_DIR_ENV in message
 
 
 def test_missing_weights_folder_is_an_error(tmp_path):
     with pytest.raises(WeightsError, match="does not exist"):
-        backbones.build_base(tiny(32), weights_dir=tmp_path / "nope")
+        backbones.build_base(tiny(32, weights_dir=str(tmp_path / "nope")))
 
 
 def test_no_weights_needs_no_file(monkeypatch, tmp_path):
@@ -110,7 +132,8 @@ def test_no_weights_needs_no_file(monkeypatch, tmp_path):
     ("mobilenet", "block13", "conv_dw_13"), ("efficientnet_lite0", "block1a", "block1a_dwconv"),
     ("efficientnet_lite0", "block6a", "block6a_expand_conv"), ("efficientnet_lite0", "top", "top_conv"),
     ("mobilenet_v2", "block_0", "expanded_conv_depthwise"), ("mobilenet_v2", "block_16", "block_16_expand"),
-    ("mobilenet_v2", "top", "Conv_1"),
+    ("mobilenet_v2", "top", "Conv_1"), ("resnet50", "conv2_block1", "conv2_block1_1_conv"),
+    ("resnet50", "conv4_block1", "conv4_block1_1_conv"), ("resnet50", "conv5_block3", "conv5_block3_1_conv"),
 ])
 def test_cut_points_name_the_first_layer_above_the_cut(name, cut, first):
     spec = backbones.BACKBONES[name]

@@ -3,6 +3,7 @@ import json
 import re
 import shutil
 
+import pytest
 from click.testing import CliRunner
 from conftest import SMOKE_CONFIG, base_args, invoke, ran
 
@@ -53,6 +54,10 @@ def test_coreml_spec_field_by_field(world):
     assert user["dataset"].startswith("shapes (") and "/" not in user["dataset"]
     metrics = json.loads((world["artifacts"] / "evaluate" / "metrics.json").read_text())
     assert user["test_accuracy"] == f"{metrics['accuracy']:.4f}"
+    from pipeline import vision_crop
+
+    best = vision_crop.get_option(metrics["recommended_crop"])
+    assert f"imageCropAndScaleOption {best.vision}" in inp.shortDescription  # what the app should set
 
 
 def test_label_order_is_the_same_everywhere(world):
@@ -168,3 +173,31 @@ def test_interrupt_is_reported_and_leaves_the_cache_intact(world, tmp_path, monk
     assert result.exit_code == 130
     assert "interrupted" in result.stderr
     assert (artifacts / "evaluate" / "metrics.json").read_bytes() == before
+
+
+def test_set_overrides_a_value_like_the_file_and_takes_part_in_the_cache_key(world, tmp_path):
+    artifacts = tmp_path / "artifacts"
+    shutil.copytree(world["artifacts"], artifacts)
+    status = invoke(*base_args(world, artifacts), "--set", "finetune.learning_rate=0.0003", "status")
+    states = {line.split()[0]: line.split()[1] for line in status.stdout.splitlines()[1:]}
+    assert [s for s, state in states.items() if state == "stale"] == ["finetune", "evaluate", "export"]
+    result = invoke(*base_args(world, artifacts), "--set", "finetune.learning_rate=0.0003", "--set",
+                    "finetune.epochs=1", "finetune")
+    assert ran(result) == ["finetune"]
+    resolved = (artifacts / "finetune" / "config.yaml").read_text()
+    assert "learning_rate: 0.0003" in resolved and "epochs: 1\n" in resolved
+
+
+@pytest.mark.parametrize("override, named", [
+    ("finetune.epochs=many", "finetune.epochs"), ("finetune.no_such_key=1", "finetune.no_such_key"),
+    ("nosection.key=1", "nosection"), ("finetune.epochs", "section.key=value"), ("epochs=3", "section.key=value"),
+])
+def test_bad_set_is_a_clear_error(world, tmp_path, override, named):
+    result = CliRunner().invoke(cli, base_args(world, tmp_path / "a") + ["--set", override, "ingest"])
+    assert result.exit_code == 1 and named in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "a").exists()
+
+
+def test_weights_dir_is_not_part_of_the_cache_key(world, tmp_path):
+    status = invoke(*base_args(world), "--weights-dir", str(tmp_path), "status")
+    assert "stale" not in status.stdout

@@ -54,7 +54,7 @@ def test_each_stage_covers_what_its_hand_written_list_missed():
     assert {"pipeline.models", "pipeline.training"} <= set(BY_NAME["evaluate"].code_modules())
     assert "pipeline.backbones" in BY_NAME["export"].code_modules()
     for stage in STAGES:
-        assert "pipeline.stages.ingest" in stage.code_modules()  # read_classes / read_index live there
+        assert "pipeline.catalog" in stage.code_modules()  # the readers of every artifact live there
     assert {"pipeline.coreml_numpy", "pipeline.exporters.onnx"} <= set(BY_NAME["export"].code_modules())
 
 
@@ -71,7 +71,12 @@ def test_declared_config_sections_are_the_ones_each_stage_reads():
         read = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute) and (
             (isinstance(node.value, ast.Name) and node.value.id == "cfg")  # cfg.model
             or (isinstance(node.value, ast.Attribute) and node.value.attr == "cfg"))}  # ctx.cfg.model
-        assert read == set(stage.sections), stage.name
+        assert read == {s.partition(".")[0] for s in stage.sections}, stage.name
+        for declared in (s for s in stage.sections if "." in s):  # a stage that declares one key reads only it
+            section, _, key = declared.partition(".")
+            used = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+                    and isinstance(node.value, ast.Attribute) and node.value.attr == section}
+            assert used == {key}, (stage.name, declared, used)
 
 
 @pytest.mark.parametrize("module, stale", [("pipeline.parity", {"export"}),
@@ -108,3 +113,19 @@ def test_a_rerun_reruns_the_importers_and_only_what_their_new_bytes_reach(world,
     assert not {"ingest", "augment"} & set(ran)
     changed = (artifacts / "finetune" / "model.h5").read_bytes() != before
     assert ("export" in ran) == changed
+
+
+def test_only_the_runner_and_the_cli_import_stage_modules():
+    """Stages share code through library modules (catalog, training, ...), never through each other."""
+    from pathlib import Path
+
+    import pipeline
+    from pipeline.code_deps import direct_imports
+
+    root = Path(pipeline.__file__).parent
+    modules = ["pipeline." + ".".join(p.relative_to(root).with_suffix("").parts) for p in root.rglob("*.py")]
+    allowed = {"pipeline.runner", "pipeline.cli", "pipeline.stages.__init__"}
+    offenders = {m: sorted(i for i in direct_imports(m.removesuffix(".__init__"))
+                           if i.startswith("pipeline.stages.") and i != m)
+                 for m in modules if m not in allowed}
+    assert {m: i for m, i in offenders.items() if i} == {}

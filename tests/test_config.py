@@ -5,7 +5,7 @@ import pytest
 
 from pipeline import config
 from pipeline.errors import ConfigError
-from pipeline.stages.train_head import check_batch_size
+from pipeline.training import check_batch_size
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -109,3 +109,26 @@ def test_readme_key_table_lists_every_config_key():
         listed = set(re.findall(r"`(\w+)`", rows.get(f.name, "")))
         fields = {g.name for g in dataclasses.fields(f.type if isinstance(f.type, type) else getattr(config, f.type))}
         assert listed == fields, (f.name, sorted(fields - listed), sorted(listed - fields))
+
+
+def test_overrides_are_read_as_yaml_values():
+    raw = config.apply_overrides({"finetune": {"epochs": 3}}, ["finetune.learning_rate=1e-4", "export.formats=[onnx]",
+                                                               "model.alpha=null", "evaluate.tta_flip=false"])
+    cfg = config.from_dict(raw)
+    assert cfg.finetune.epochs == 3 and cfg.finetune.learning_rate == 1e-4
+    assert cfg.export.formats == ["onnx"] and cfg.model.alpha is None and cfg.evaluate.tta_flip is False
+
+
+def test_weights_dir_defaults_to_the_environment_variable(monkeypatch):
+    monkeypatch.setenv(config.WEIGHTS_DIR_ENV, "/some/folder")
+    assert config.from_dict({}).model.weights_dir == "/some/folder"
+    assert config.from_dict({"model": {"weights_dir": "/other"}}).model.weights_dir == "/other"
+    monkeypatch.delenv(config.WEIGHTS_DIR_ENV)
+    assert config.from_dict({}).model.weights_dir is None
+
+
+def test_default_export_list_leaves_out_the_8_bit_variants():
+    formats = config.from_dict({}).export.formats
+    assert "coreml-int8" not in formats and "tflite-int8" not in formats
+    assert {"coreml", "coreml-fp16", "coreml-mlprogram", "onnx", "onnx-fp16", "tflite", "tflite-fp16"} == set(formats)
+    assert config.from_dict({"export": {"formats": ["tflite-int8"]}}).export.formats == ["tflite-int8"]

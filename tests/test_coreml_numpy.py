@@ -479,7 +479,7 @@ def test_a_converted_keras_model_matches_keras(tmp_path):
     labels = ["a", "b", "c", "d", "e"]
     from pipeline.exporters import ExportMeta
 
-    m = ExportMeta(labels=labels, image_size=24, scale=2 / 255, bias=-1.0, author="t", license="t",
+    m = ExportMeta(labels=labels, image_size=24, scale=2 / 255, bias=(-1.0, -1.0, -1.0), author="t", license="t",
                    description="t", version="t")
     path = tmp_path / "varied.mlmodel"
     coreml.export(model, m, path)

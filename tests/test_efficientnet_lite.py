@@ -29,6 +29,11 @@ def test_architecture_is_lite0():
     names = [layer.name for layer in m.layers]
     assert not [n for n in names if "se_" in n]  # no squeeze-and-excitation
     assert len(efficientnet_lite.block_names()) == 16
+    from tf_keras.src.applications.efficientnet import DEFAULT_BLOCKS_ARGS
+
+    assert efficientnet_lite.STAGE_REPEATS == tuple(args["repeats"] for args in DEFAULT_BLOCKS_ARGS)
+    built = {n.split("_")[0] for n in names if n.startswith("block")}
+    assert built == set(efficientnet_lite.block_names())
     assert m.output_shape == (None, 7, 7, 1280)
     assert m.get_layer("stem_conv").filters == 32
     # ImageNet EfficientNet-Lite0 has 4.65M parameters with its 1000-class top (1280 * 1000 + 1000 of them)

@@ -40,9 +40,10 @@ def test_finetune_trains_only_the_unfrozen_blocks(world, tmp_path, inputs, calib
     raw = {name: config.load(SMOKE_CONFIG).section(name) for name in ("ingest", "augment", "model", "train_head", "evaluate")}
     raw["data"] = {"path": str(world["data"])}
     raw["model"]["weights"] = "imagenet"  # the calibrated stand-in: random weights make every gradient vanish
+    raw["model"]["weights_dir"] = str(calibrated_weights_dir)
     raw["finetune"] = {"epochs": 1, "batch_size": 4, "learning_rate": 0.01, "unfreeze_from": "block12",
                        "freeze_batchnorm": True, "inputs": inputs, "augmented_views": 1}
-    runner = Runner(config.from_dict(raw), artifacts, options={"weights_dir": str(calibrated_weights_dir)})
+    runner = Runner(config.from_dict(raw), artifacts)
     assert runner.run(["finetune"]) == ["augment", "train-head", "finetune"]
     before = models.backbone_of(models.load(artifacts / "train-head" / "model.h5"))
     after = models.backbone_of(models.load(artifacts / "finetune" / "model.h5"))

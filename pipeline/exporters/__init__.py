@@ -8,6 +8,7 @@ model behind a Rescaling layer, so every format is fed raw RGB pixels (0-255) an
 from __future__ import annotations
 
 import importlib
+import json
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -20,6 +21,11 @@ class Format:
 
     runtime: what computes its outputs on Linux; empty when only its spec can be checked.
     timed: whether that runtime is the format's real one, so its batch-1 latency means something.
+    native: whether the file is a Core ML model, which Core ML itself also runs where it exists (macOS;
+        pipeline.exporters.coreml_runtime), as an extra row of the parity table.
+    default: whether export.formats lists it unless a config says otherwise. The 8-bit variants do not: their
+        weight-only quantization misses the variant thresholds on snacks (Core ML 96.7%, TFLite 98.9% top-1
+        agreement against the 99% bar), so a default run would report them FAILED.
     """
 
     name: str
@@ -29,6 +35,12 @@ class Format:
     precision: str
     runtime: str
     timed: bool
+    default: bool = True
+
+    @property
+    def native(self):
+        """Whether Core ML itself can run this file (on macOS)."""
+        return self.module in (_COREML, _MLPROGRAM)
 
     @property
     def reduced(self):
@@ -47,36 +59,60 @@ _CHECKER = "NumPy Core ML checker (pipeline.coreml_numpy)"
 FORMATS = {f.name: f for f in (
     Format("coreml", "Core ML", ".mlmodel", _COREML, "fp32", _CHECKER, False),
     Format("coreml-fp16", "Core ML, fp16 weights", "-fp16.mlmodel", _COREML, "fp16", _CHECKER, False),
-    Format("coreml-int8", "Core ML, 8-bit weights", "-int8.mlmodel", _COREML, "int8", _CHECKER, False),
+    Format("coreml-int8", "Core ML, 8-bit weights", "-int8.mlmodel", _COREML, "int8", _CHECKER, False, default=False),
     Format("coreml-mlprogram", "Core ML ML Program (iOS 15+), fp16", ".mlpackage", _MLPROGRAM, "fp16", "", False),
     Format("onnx", "ONNX", ".onnx", _ONNX, "fp32", "onnxruntime", True),
     Format("onnx-fp16", "ONNX, fp16", "-fp16.onnx", _ONNX, "fp16", "onnxruntime", True),
     Format("tflite", "TFLite", ".tflite", _TFLITE, "fp32", "ai-edge-litert Interpreter", True),
     Format("tflite-fp16", "TFLite, fp16 weights", "-fp16.tflite", _TFLITE, "fp16", "ai-edge-litert Interpreter", True),
     Format("tflite-int8", "TFLite, dynamic-range int8", "-int8.tflite", _TFLITE, "int8",
-           "ai-edge-litert Interpreter", True),
+           "ai-edge-litert Interpreter", True, default=False),
 )}
 
 
 @dataclass(frozen=True)
 class ExportMeta:
-    """What every exported file carries: labels, input size and preprocessing, and descriptive metadata."""
+    """What every exported file carries: labels, input size and preprocessing, and descriptive metadata.
+
+    scale, bias: the preprocessing `x * scale + bias` on 0-255 RGB pixels; bias is (red, green, blue).
+    input_note: how an app should feed the image input (Vision's crop-and-scale option), for its description.
+    """
 
     labels: list
     image_size: int
     scale: float
-    bias: float
+    bias: tuple
     author: str
     license: str
     description: str
     version: str
     user: dict = field(default_factory=dict)
+    input_note: str = ""
 
     def preprocessing(self):
-        """The input contract as strings, for formats with free-form metadata."""
+        """The input contract as strings, for formats with free-form metadata (bias: a JSON [red, green, blue])."""
         return {"input_layout": "NHWC", "input_color_order": "RGB", "input_range": "0-255",
                 "input_size": f"{self.image_size}x{self.image_size}", "scale": repr(self.scale),
-                "bias": repr(self.bias)}
+                "bias": json.dumps([float(b) for b in self.bias])}
+
+    def preprocess(self, pixels):
+        """Raw 0-255 RGB pixels (..., 3) as the network's input: `pixels * scale + bias`."""
+        from pipeline.backbones import scale_bias
+
+        return scale_bias(pixels, self.scale, self.bias)
+
+
+def model_meta(model_cfg, labels, **descriptive):
+    """The ExportMeta of a model built from `model_cfg`: its labels, input size and backbone's preprocessing.
+
+    descriptive: author, license, description, version and user metadata (empty unless given).
+    """
+    from pipeline.backbones import BACKBONES
+
+    backbone = BACKBONES[model_cfg.backbone]
+    fields = {"author": "", "license": "", "description": "", "version": "", **descriptive}
+    return ExportMeta(labels=list(labels), image_size=model_cfg.image_size, scale=backbone.input_scale,
+                      bias=tuple(backbone.input_bias), **fields)
 
 
 @dataclass(frozen=True)
@@ -96,7 +132,7 @@ def with_preprocessing(model, meta):
     import tf_keras as keras
 
     inputs = keras.Input((meta.image_size, meta.image_size, 3), name="image")
-    x = keras.layers.Rescaling(meta.scale, offset=meta.bias, name="preprocess")(inputs)
+    x = keras.layers.Rescaling(meta.scale, offset=list(meta.bias), name="preprocess")(inputs)
     return keras.Model(inputs, model(x), name="multisnacks_raw_pixels")
 
 

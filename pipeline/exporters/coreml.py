@@ -21,7 +21,7 @@ def image_input(meta):
     import coremltools as ct
 
     return ct.ImageType(name=INPUT_NAME, shape=(1, meta.image_size, meta.image_size, 3), scale=meta.scale,
-                        bias=[meta.bias] * 3, color_layout=ct.colorlayout.RGB)
+                        bias=list(meta.bias), color_layout=ct.colorlayout.RGB)
 
 
 def convert(model, meta):
@@ -46,8 +46,8 @@ def describe(spec, meta):
     description.metadata.license = meta.license
     description.metadata.shortDescription = meta.description
     description.metadata.versionString = meta.version
-    description.input[0].shortDescription = (f"A photo, {meta.image_size}x{meta.image_size} RGB "
-                                             "(Vision scales and crops it to fit)")
+    description.input[0].shortDescription = (f"A photo, {meta.image_size}x{meta.image_size} RGB. "
+                                             + (meta.input_note or "Vision scales and crops it to fit."))
     for output in description.output:
         output.shortDescription = {PROBABILITIES: "Probability of each class",
                                    LABEL: "The most likely class"}[output.name]
@@ -127,9 +127,9 @@ def _scale_bias_problems(scale, rgb_bias, meta):
     problems = []
     if abs(scale - meta.scale) > 1e-6:
         problems.append(f"image channelScale should be {meta.scale:.6g}, got {scale:.6g}")
-    for colour, got in zip(("red", "green", "blue"), rgb_bias):
-        if abs(got - meta.bias) > 1e-6:
-            problems.append(f"image {colour}Bias should be {meta.bias:.6g}, got {got:.6g}")
+    for colour, got, want in zip(("red", "green", "blue"), rgb_bias, meta.bias):
+        if abs(got - want) > 1e-6 * max(1.0, abs(want)):  # the file stores float32
+            problems.append(f"image {colour}Bias should be {want:.6g}, got {got:.6g}")
     return problems
 
 

@@ -28,8 +28,11 @@ def export(model, meta, path, precision="fp32"):
 def _interpreter(path):
     from ai_edge_litert.interpreter import Interpreter
 
-    interpreter = Interpreter(model_path=str(path))
-    interpreter.allocate_tensors()
+    from pipeline import quiet
+
+    with quiet.native_stderr():  # "Created TensorFlow Lite XNNPACK delegate for CPU", printed from C
+        interpreter = Interpreter(model_path=str(path))
+        interpreter.allocate_tensors()
     return interpreter
 
 

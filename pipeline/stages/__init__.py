@@ -11,7 +11,8 @@ class Stage:
     """One pipeline stage.
 
     module: the module whose `run(ctx)` does the work.
-    sections: the config sections whose values are part of the stage's cache key.
+    sections: the config sections whose values are part of the stage's cache key; `section.key` names one
+        key of a section, for a stage that reads only that one.
     upstream: the stages whose outputs it reads.
     dynamic_imports: modules it imports by name at run time, which reading its imports cannot find. The
         source of its module and of every package module these import, directly or not, is part of its cache
@@ -44,7 +45,7 @@ STAGES = (
           "Train a new classification head on the frozen ImageNet backbone."),
     Stage("finetune", "pipeline.stages.finetune", ("model", "finetune"), ("ingest", "augment", "train-head"),
           "Unfreeze the backbone (whole or from a cut point on) and fine-tune at a lower learning rate."),
-    Stage("evaluate", "pipeline.stages.evaluate", ("model", "evaluate"),
+    Stage("evaluate", "pipeline.stages.evaluate", ("model", "evaluate", "export.name"),
           ("ingest", "augment", "train-head", "finetune"),
           "Measure the model on the test split: accuracy, per-class report, confusion matrix, worst predictions."),
     Stage("export", "pipeline.stages.export", ("model", "train_head", "finetune", "export"),

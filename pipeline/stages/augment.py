@@ -6,7 +6,6 @@ import numpy as np
 from pipeline import fileio
 from pipeline.augmentation import ImageBatches, generator_settings, make_generator
 from pipeline.report import plot_grid
-from pipeline.stages.ingest import read_classes, read_index
 
 
 def run(ctx):
@@ -14,8 +13,8 @@ def run(ctx):
     cfg, out = ctx.cfg, ctx.out
     settings = generator_settings(cfg.augment, cfg.model.backbone)
     fileio.write_json(out.settings, settings)
-    classes = read_classes(ctx.inputs["ingest"])
-    rows = read_index(ctx.inputs["ingest"], "train")
+    classes = ctx.inputs["ingest"].read_classes()
+    rows = ctx.inputs["ingest"].read_index("train")
     rng = np.random.default_rng(0)
     picked = [rows[i] for i in sorted(rng.choice(len(rows), min(cfg.augment.preview_images, len(rows)),
                                                  replace=False))]

@@ -8,11 +8,14 @@ import logging
 import numpy as np
 
 from pipeline import fileio, models
+from pipeline import html_report, vision_crop
 from pipeline.augmentation import split_batches
+from pipeline.backbones import scale_bias
+from pipeline.catalog import class_indices
 from pipeline.errors import DataError
 from pipeline.images import load_array
+from pipeline.progress import Progress
 from pipeline.report import plot_confusion, plot_grid
-from pipeline.stages.ingest import read_classes, read_index
 from pipeline.training import keras_verbose
 
 log = logging.getLogger("pipeline.evaluate")
@@ -23,6 +26,31 @@ def predict(model, ingest_files, augment_files, split, size, batch_size, flip=Fa
     batches = split_batches(ingest_files, augment_files, split, size, batch_size, flip=flip)
     log.info("predicting %d %s images%s", len(batches.paths), split, " (mirrored)" if flip else "")
     return model.predict(batches, verbose=keras_verbose(predict=True))
+
+
+def vision_accuracies(model, rows, labels, size, settings, batch_size, scale_fill_probabilities):
+    """Test accuracy with the photos cropped and scaled as each of Vision's options does, {option name: accuracy}.
+
+    The pixels go through the backbone's own preprocessing (the augment stage's scale and bias), as the exported
+    files apply it; scale_fill is what training and `predict` do, so its probabilities are the plain pass's.
+    """
+    accuracies = {}
+    for option in vision_crop.OPTIONS:
+        if option.name == vision_crop.TRAINING_OPTION:
+            probs = scale_fill_probabilities
+        else:
+            progress = Progress(f"test images as Vision's {option.vision}", len(rows), "images")
+            parts = []
+            for start in range(0, len(rows), batch_size):
+                batch = rows[start:start + batch_size]
+                pixels = np.stack([vision_crop.load_as(r["path"], size, option.name) for r in batch])
+                parts.append(model(scale_bias(pixels, settings["input_scale"], settings["input_bias"]),
+                                   training=False).numpy())
+                progress.advance(len(batch))
+            progress.close()
+            probs = np.concatenate(parts)
+        accuracies[option.name] = float((probs.argmax(axis=1) == labels).mean())
+    return accuracies
 
 
 def metrics(labels, probabilities, classes):
@@ -43,11 +71,11 @@ def metrics(labels, probabilities, classes):
 
 
 def run(ctx):
-    """Write metrics.json, predictions.csv, confusion.png, worst.png and report.md."""
+    """Write metrics.json, predictions.csv, confusion.png, worst.png, report.md and report.html."""
     cfg, out = ctx.cfg, ctx.out
     ingest = ctx.inputs["ingest"]
-    classes = read_classes(ingest)
-    rows = read_index(ingest, "test")
+    classes = ingest.read_classes()
+    rows = ingest.read_index("test")
     if not rows:
         raise DataError(f"the test split in {ingest.index} is empty: add images to the dataset's test/ folder, "
                         "or remove test/ so that ingest takes ingest.test_ratio of the training images")
@@ -55,18 +83,21 @@ def run(ctx):
     size, batch = cfg.model.image_size, cfg.evaluate.batch_size
     augment = ctx.inputs["augment"]
     probs = predict(model, ingest, augment, "test", size, batch)
-    index = {c: i for i, c in enumerate(classes)}
-    labels = np.array([index[r["label"]] for r in rows])
+    labels = class_indices(rows, classes)
     result = metrics(labels, probs, classes)
     if cfg.evaluate.tta_flip:
         flipped = predict(model, ingest, augment, "test", size, batch, flip=True)
         tta = metrics(labels, (probs + flipped) / 2, classes)
         result["tta_flip"] = {k: tta[k] for k in ("accuracy", "macro_f1", "weighted_f1")}
+    if cfg.evaluate.vision_options:
+        settings = fileio.read_json(augment.settings)
+        result["vision_options"] = vision_accuracies(model, rows, labels, size, settings, batch, probs)
+        result["recommended_crop"] = vision_crop.recommend(result["vision_options"])
     predicted = probs.argmax(axis=1)
     weakest = sorted(classes, key=lambda c: result["per_class"][c]["f1-score"])[:3]
     result.update({"test_images": len(rows), "weakest_classes": weakest})
     fileio.write_json(out.metrics, result)
-    _write_predictions(out.predictions, rows, classes, probs, predicted)
+    _write_predictions(out.predictions, rows, classes, labels, probs, predicted)
     plot_confusion(np.array(result["confusion"]), classes, out.confusion)
     wrong = np.flatnonzero(predicted != labels)
     worst = wrong[np.argsort(-probs[wrong, predicted[wrong]])][:cfg.evaluate.worst_count]
@@ -74,20 +105,26 @@ def run(ctx):
         plot_grid([load_array(rows[i]["path"], size) for i in worst],
                   [f"{rows[i]['label']} -> {classes[predicted[i]]}\n{probs[i, predicted[i]]:.2f}" for i in worst],
                   out.worst)
-    fileio.write_text(out.report, _report(ctx, result, classes, rows, worst, probs, predicted))
+    text = _report(ctx, result, classes, rows, worst, probs, predicted)
+    fileio.write_text(out.report, text)
+    images = {out.confusion.name: out.confusion, out.worst.name: out.worst}
+    images.update({f"../{stage}/{ctx.inputs[stage].curves.name}": ctx.inputs[stage].curves
+                   for stage in ("train-head", "finetune") if stage in ctx.inputs})
+    fileio.write_text(out.report_html, html_report.render(text, images, f"{cfg.export.name} evaluation"))
     tta_text = f", {result['tta_flip']['accuracy']:.3f} with flip TTA" if cfg.evaluate.tta_flip else ""
+    crop_text = ("; fed as Vision's " + ", ".join(f"{name} {acc:.3f}" for name, acc in result["vision_options"].items())
+                 if "vision_options" in result else "")
     return {"message": f"test accuracy {result['accuracy']:.3f}{tta_text}, macro F1 {result['macro_f1']:.3f} "
-                       f"on {len(rows)} images", "accuracy": result["accuracy"], "macro_f1": result["macro_f1"],
+                       f"on {len(rows)} images{crop_text}", "accuracy": result["accuracy"], "macro_f1": result["macro_f1"],
             "tta_accuracy": result.get("tta_flip", {}).get("accuracy")}
 
 
-def _write_predictions(path, rows, classes, probs, predicted):
+def _write_predictions(path, rows, classes, labels, probs, predicted):
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["path", "label", "predicted", "confidence", "p_true"])
-    index = {c: i for i, c in enumerate(classes)}
-    for row, p, k in zip(rows, probs, predicted):
-        writer.writerow([row["path"], row["label"], classes[k], f"{p[k]:.4f}", f"{p[index[row['label']]]:.4f}"])
+    for row, p, k, truth in zip(rows, probs, predicted, labels):
+        writer.writerow([row["path"], row["label"], classes[k], f"{p[k]:.4f}", f"{p[truth]:.4f}"])
     fileio.write_text(path, buffer.getvalue())
 
 
@@ -112,8 +149,38 @@ def _report(ctx, result, classes, rows, worst, probs, predicted):
         for i in worst:
             lines.append(f"| {rows[i]['path']} | {rows[i]['label']} | {classes[predicted[i]]} | "
                          f"{probs[i, predicted[i]]:.3f} |")
+    if "vision_options" in result:
+        lines += ["", *app_section(ctx.cfg, result["vision_options"], result["recommended_crop"])]
     lines += ["", "## Training curves", ""]
     for stage in ("train-head", "finetune"):
         if stage in ctx.inputs:
             lines.append(f"- {stage}: ![{stage} curves](../{stage}/{ctx.inputs[stage].curves.name})")
     return "\n".join(lines) + "\n"
+
+
+def app_section(cfg, accuracies, recommended):
+    """The report's "Using the model in your app": how each Vision option feeds the model, what it scores, and
+    the Swift lines for the recommended one."""
+    size = cfg.model.image_size
+    lines = ["## Using the model in your app", "",
+             f"Vision crops and scales every photo to the model's {size}x{size} input before the model sees it; how "
+             "depends on the API and one option. Test accuracy with the test photos fed each way:", "",
+             "| option | `VNCoreMLRequest` | `CoreMLRequest` (iOS 18) | what it does | test accuracy |",
+             "|---|---|---|---|---|"]
+    for option in vision_crop.OPTIONS:
+        vision = option.vision + (" (default)" if option.vision_default else "")
+        request = option.coreml_request + (" (default)" if option.coreml_request_default else "")
+        mark = " **recommended**" if option.name == recommended else ""
+        lines.append(f"| {option.name}{mark} | `{vision}` | `{request}` | {option.summary} | "
+                     f"{accuracies[option.name]:.4f} |")
+    best = vision_crop.get_option(recommended)
+    lines += ["", f"Set `{best.vision}` on a `VNCoreMLRequest` (its default is `.centerCrop`) or `{best.coreml_request}` "
+              "on a `CoreMLRequest` (its default is `.scaleToFill`):", "",
+              vision_crop.swift_snippet(swift_class_name(cfg.export.name), best).rstrip("\n")]
+    return lines
+
+
+def swift_class_name(model_name):
+    """The class Xcode generates for a model file named `model_name` (characters Swift does not allow become _)."""
+    name = "".join(c if c.isalnum() or c == "_" else "_" for c in model_name)
+    return name if not name[0].isdigit() else "_" + name

@@ -9,8 +9,6 @@ from pipeline.activations import CachedBatches, cache_split, cache_views, view_s
 from pipeline.augmentation import split_batches
 from pipeline.backbones import cut_layer
 from pipeline.fileio import write_json
-from pipeline.stages.ingest import read_classes, read_index
-from pipeline.stages.train_head import check_batch_size
 
 log = logging.getLogger("pipeline.finetune")
 
@@ -32,7 +30,7 @@ def _fit_cached(ctx, model):
     """Train the layers above `unfreeze_from` on cached activations of the frozen layers below it."""
     cfg, section, out = ctx.cfg, ctx.cfg.finetune, ctx.out
     ingest, augment, size, batch = ctx.inputs["ingest"], ctx.inputs["augment"], cfg.model.image_size, section.batch_size
-    n_classes = len(read_classes(ingest))
+    n_classes = len(ingest.read_classes())
     lower, upper = models.split_at(model, cfg.model.backbone, section.unfreeze_from)
     views = view_specs(section.flip_view, section.augmented_views)
     # float16 halves the size of the cached activations; the network upcasts them on input.
@@ -58,7 +56,7 @@ def run(ctx):
         write_json(out.summary, {"epochs_run": 0})
         return {"message": "fine-tuning skipped (finetune.epochs is 0); the head model is passed on"}
     ingest, augment, size = ctx.inputs["ingest"], ctx.inputs["augment"], cfg.model.image_size
-    check_batch_size("finetune", section.batch_size, len(read_index(ingest, "train")))
+    training.check_batch_size("finetune", section.batch_size, len(ingest.read_index("train")))
     model = models.load(head_files.model)
     layers = unfreeze(model, cfg.model.backbone, section.unfreeze_from, section.freeze_batchnorm)
     where = "the whole backbone" if section.unfreeze_from == "all" else f"from {section.unfreeze_from} on"

@@ -6,15 +6,14 @@ listed and skipped, never read, unless ingest.follow_symlinks is set.
 """
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import logging
 import os
 from collections import Counter, defaultdict
 from pathlib import Path
 
 from pipeline import dataset, fileio
+from pipeline.catalog import csv_text
 from pipeline.errors import DataError
 from pipeline.images import BadImage, inspect_bytes, is_image_name
 
@@ -165,7 +164,7 @@ def scan(layout, cfg):
     if layout.kind == "splits":
         for split, split_dir in layout.split_dirs.items():
             for label, folder in _class_folders(split_dir, root, cfg, ignored).items():
-                log.info("scanning %s/%s", split, label)
+                log.debug("scanning %s/%s", split, label)
                 rows += _scan_folder(folder, label, split, root, cfg, ignored, bad)
         if "test" not in layout.split_dirs:
             notes.append(f"no test/ folder: the test split was made from the training images "
@@ -178,7 +177,7 @@ def scan(layout, cfg):
         notes.append(f"no split folders: val and test were made per class by content hash "
                      f"(ingest.val_ratio {cfg.ingest.val_ratio}, ingest.test_ratio {cfg.ingest.test_ratio})")
         for label, folder in _class_folders(layout.root, root, cfg, ignored).items():
-            log.info("scanning %s", label)
+            log.debug("scanning %s", label)
             for row in _scan_folder(folder, label, "train", root, cfg, ignored, bad):
                 row["split"] = dataset.assign_split(row["sha256"], cfg.ingest.seed,
                                                     cfg.ingest.val_ratio, cfg.ingest.test_ratio)
@@ -228,7 +227,7 @@ def check(rows, layout, cfg):
 def run(ctx):
     """Scan and check the dataset; write classes.txt, index.csv, counts.csv and ingest_report.json."""
     cfg, out = ctx.cfg, ctx.out
-    source = resolve_source(cfg, ctx.options["sources_dir"])
+    source = resolve_source(cfg, ctx.sources_dir)
     layout = dataset.detect_layout(source)
     check_folder_links(layout, cfg)
     log.info("scanning %s (%s layout)", layout.root, "split folders" if layout.kind == "splits" else "class folders")
@@ -243,9 +242,9 @@ def run(ctx):
         log.info("ignored %d file(s) (non-images, links not followed), listed in %s", len(ignored), out.report.name)
     rows = [r for r in rows if r["label"] in classes]
 
-    fileio.write_text(out.classes, "".join(f"{label}\n" for label in classes))
-    fileio.write_text(out.index, _csv(INDEX_COLUMNS, rows))
-    fileio.write_text(out.counts, _csv(("label",) + dataset.SPLITS,
+    out.write_classes(classes)
+    out.write_index(INDEX_COLUMNS, rows)
+    fileio.write_text(out.counts, csv_text(("label",) + dataset.SPLITS,
                                        [{"label": c, **{s: counts[c][s] for s in dataset.SPLITS}} for c in classes]))
     split_totals = {s: sum(counts[c][s] for c in classes) for s in dataset.SPLITS}
     fileio.write_json(out.report, {
@@ -262,20 +261,3 @@ def run(ctx):
     }
 
 
-def _csv(columns, rows):
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
-def read_classes(files):
-    """The class labels written by ingest, in output order."""
-    return [line for line in Path(files.classes).read_text(encoding="utf-8").splitlines() if line]
-
-
-def read_index(files, split=None):
-    """The image index written by ingest: a list of (path, label) rows, optionally of one split."""
-    with open(files.index, newline="", encoding="utf-8") as f:
-        return [row for row in csv.DictReader(f) if split is None or row["split"] == split]

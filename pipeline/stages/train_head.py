@@ -4,24 +4,15 @@ from __future__ import annotations
 from pipeline import models, training
 from pipeline.activations import CachedBatches, cache_split, cache_views, view_specs
 from pipeline.augmentation import split_batches
-from pipeline.errors import ConfigError
-from pipeline.stages.ingest import read_classes, read_index
-
-
-def check_batch_size(section_name, batch_size, n_train):
-    """A batch larger than the training set is a config error naming the key."""
-    if batch_size > n_train:
-        raise ConfigError(f"config key '{section_name}.batch_size' has value {batch_size}, larger than the "
-                          f"training set ({n_train} images); set it to at most {n_train}")
 
 
 def run(ctx):
     """Train the head, with live augmentation (the book) or on cached features of fixed views."""
     cfg, out, section = ctx.cfg, ctx.out, ctx.cfg.train_head
     ingest, augment, size, batch = ctx.inputs["ingest"], ctx.inputs["augment"], cfg.model.image_size, section.batch_size
-    classes = read_classes(ingest)
-    check_batch_size("train_head", batch, len(read_index(ingest, "train")))
-    model = models.build_classifier(cfg.model, len(classes), ctx.options.get("weights_dir"))
+    classes = ingest.read_classes()
+    training.check_batch_size("train_head", batch, len(ingest.read_index("train")))
+    model = models.build_classifier(cfg.model, len(classes))
     if section.features == "live":
         train = split_batches(ingest, augment, "train", size, batch, augment=True, shuffle=True, seed=section.seed)
         val = split_batches(ingest, augment, "val", size, batch)
