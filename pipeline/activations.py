@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 
+from pipeline import balance
 from pipeline.augmentation import one_hot, split_batches
 from pipeline.progress import Progress
 
@@ -138,17 +139,19 @@ class CachedBatches(_sequence_base()):
     """Batches of (cached rows as float32, one-hot labels) from an ArrayFile, reshuffled each epoch if asked.
 
     The rows of a views cache are view-major (all originals, then all mirrors, ...). With `views_per_epoch`,
-    each epoch takes that many distinct views of every image, drawn afresh per image and epoch.
+    each epoch takes that many distinct views of every image, drawn afresh per image and epoch. With
+    `oversample`, the smaller classes' rows are repeated in every epoch up to the largest class's count.
     """
 
     def __init__(self, array, labels, n_classes, batch_size, shuffle=False, seed=0, n_views=1,
-                 views_per_epoch=None):
+                 views_per_epoch=None, oversample=False):
         super().__init__()
         if len(array) % n_views:
             raise ValueError(f"{array.path}: {len(array)} rows do not divide into {n_views} views")
         self.array, self.labels, self.n_classes = array, np.asarray(labels), n_classes
         self.batch_size, self.shuffle = batch_size, shuffle
         self.n_views, self.views_per_epoch = n_views, views_per_epoch or n_views
+        self.oversample = oversample
         self.rng = np.random.default_rng(seed)
         self._new_epoch()
 
@@ -159,6 +162,8 @@ class CachedBatches(_sequence_base()):
         else:
             picks = np.argsort(self.rng.random((n_images, self.n_views)), axis=1)[:, :self.views_per_epoch]
             order = (picks * n_images + np.arange(n_images)[:, None]).ravel()
+        if self.oversample:
+            order = balance.oversample(order, self.labels[order], self.rng)
         if self.shuffle:
             self.rng.shuffle(order)
         self.order = order

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 
+from pipeline import balance
 from pipeline.backbones import BACKBONES, scale_bias
 from pipeline.catalog import class_indices
 from pipeline.images import load_array
@@ -50,24 +51,31 @@ class ImageBatches(_sequence_base()):
 
     Images are decoded with pipeline.images (upright RGB, bilinear resize), then, as in Keras's own
     iterators, `random_transform` (when augmenting) and `standardize` (which applies the backbone's scale and bias).
-    `flip` mirrors every image (a fixed view for test-time augmentation and cached features).
+    `flip` mirrors every image (a fixed view for test-time augmentation and cached features); `oversample`
+    repeats the smaller classes' images in every epoch up to the largest class's count.
     """
 
     def __init__(self, rows, classes, size, generator, batch_size, augment=False, shuffle=False,
-                 flip=False, seed=0):
+                 flip=False, seed=0, oversample=False):
         super().__init__()
         self.paths = [row["path"] for row in rows]
         self.labels = class_indices(rows, classes)
         self.n_classes = len(classes)
         self.size, self.generator, self.batch_size = size, generator, batch_size
-        self.augment, self.shuffle, self.flip = augment, shuffle, flip
+        self.augment, self.shuffle, self.flip, self.oversample = augment, shuffle, flip, oversample
         self.rng = np.random.default_rng(seed)
-        self.order = np.arange(len(self.paths))
-        if shuffle:
-            self.rng.shuffle(self.order)
+        self._new_epoch()
+
+    def _new_epoch(self):
+        order = np.arange(len(self.paths))
+        if self.oversample:
+            order = balance.oversample(order, self.labels, self.rng)
+        if self.shuffle:
+            self.rng.shuffle(order)
+        self.order = order
 
     def __len__(self):
-        return math.ceil(len(self.paths) / self.batch_size)
+        return math.ceil(len(self.order) / self.batch_size)
 
     def images(self, i):
         """Batch i as float32 pixels 0-255 after augmentation, before preprocessing."""
@@ -86,15 +94,15 @@ class ImageBatches(_sequence_base()):
         return batch, one_hot(labels, self.n_classes)
 
     def on_epoch_end(self):
-        if self.shuffle:
-            self.rng.shuffle(self.order)
+        if self.shuffle or self.oversample:
+            self._new_epoch()
 
 
 def split_batches(ingest_files, augment_files, split, size, batch_size, augment=False, shuffle=False,
-                  flip=False, seed=0):
+                  flip=False, seed=0, oversample=False):
     """Batches of one split of ingest's index, through the generator saved by the augment stage."""
     from pipeline.fileio import read_json
 
     generator = make_generator(read_json(augment_files.settings), augment)
     return ImageBatches(ingest_files.read_index(split), ingest_files.read_classes(), size, generator,
-                        batch_size, augment=augment, shuffle=shuffle, flip=flip, seed=seed)
+                        batch_size, augment=augment, shuffle=shuffle, flip=flip, seed=seed, oversample=oversample)

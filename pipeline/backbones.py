@@ -29,10 +29,12 @@ class Backbone:
     alphas: the width multipliers it can be built with; the first is the default.
     build: (image_size, alpha) -> the network without its top, randomly initialised.
     pretrained: (image_size, alpha, weights_dir) -> the same network with its ImageNet weights, or a
-        WeightsError naming the missing file and where to put it.
+        WeightsError naming the missing file and where to put it; None for a network trained from scratch
+        (train-head then trains all of it, and model.weights must be null).
     cut_points: name -> the candidate names of the first layer after the cut, in the order to try; training
         from a cut point on trains that layer and everything above it.
     weights_source: where the ImageNet weights come from, in words.
+    min_image_size: the smallest input it can be built for.
     """
 
     name: str
@@ -43,6 +45,12 @@ class Backbone:
     pretrained: Callable
     cut_points: dict
     weights_source: str
+    min_image_size: int = 32
+
+    @property
+    def from_scratch(self):
+        """Whether the network has no pretrained weights and is trained whole from random initialisation."""
+        return self.pretrained is None
 
 
 def scale_bias(x, scale, bias):
@@ -135,6 +143,31 @@ def _resnet50_cut_points():
             for stage, count in blocks.items() for b in range(1, count + 1)}
 
 
+# Small networks trained from scratch: the head (Dropout, Dense softmax) goes on their last hidden layer.
+
+def _mynet(image_size, alpha):
+    """MyNet: the pixels flattened into one hidden layer of 200 ReLU units."""
+    import tf_keras as keras
+
+    inputs = keras.Input((image_size, image_size, 3), name="input")
+    x = keras.layers.Flatten(name="flatten")(inputs)
+    return keras.Model(inputs, keras.layers.Dense(200, activation="relu", name="hidden")(x), name="mynet")
+
+
+def _smallcnn(image_size, alpha):
+    """Two 3x3 convolution + 2x2 max-pooling blocks (32 and 64 filters), then a Dense layer of 128 ReLU units."""
+    import tf_keras as keras
+
+    layers = keras.layers
+    inputs = keras.Input((image_size, image_size, 3), name="input")
+    x = inputs
+    for block, filters in ((1, 32), (2, 64)):
+        x = layers.Conv2D(filters, 3, activation="relu", name=f"conv{block}")(x)
+        x = layers.MaxPooling2D(2, name=f"pool{block}")(x)
+    x = layers.Dense(128, activation="relu", name="hidden")(layers.Flatten(name="flatten")(x))
+    return keras.Model(inputs, x, name="smallcnn")
+
+
 # EfficientNet-Lite0: tf_keras's EfficientNet block configured as Lite, weights from a registry package.
 
 def _lite0(image_size, alpha):
@@ -191,6 +224,12 @@ BACKBONES = {b.name: b for b in (
         cut_points=_resnet50_cut_points(),
         weights_source="Keras's ResNet50 file (resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5) from "
                        f"--weights-dir, ${WEIGHTS_DIR_ENV} or Keras's cache, else Keras's download"),
+    Backbone(
+        name="mynet", input_scale=1 / 255, input_bias=(0.0, 0.0, 0.0), alphas=(1.0,), build=_mynet,
+        pretrained=None, cut_points={}, weights_source="none: trained from scratch", min_image_size=8),
+    Backbone(
+        name="smallcnn", input_scale=1 / 255, input_bias=(0.0, 0.0, 0.0), alphas=(1.0,), build=_smallcnn,
+        pretrained=None, cut_points={}, weights_source="none: trained from scratch", min_image_size=16),
 )}
 
 

@@ -1,4 +1,4 @@
-"""The Click command line: one subcommand per stage, plus `all`, `status`, `verify` and `predict`; they chain."""
+"""The Click command line: one subcommand per stage, plus `all`, `status`, `verify`, `predict`, `sweep` and `digits`; they chain."""
 from __future__ import annotations
 
 import logging
@@ -7,7 +7,7 @@ import sys
 import click
 
 from pipeline import config as config_module
-from pipeline import predict, quiet
+from pipeline import digits, predict, quiet, sweep
 from pipeline.catalog import Catalog
 from pipeline.errors import PipelineError
 from pipeline.parity import table
@@ -87,6 +87,31 @@ class _OptionsAfterArguments(click.Command):
         return super().make_context(info_name, args, parent, **extra)
 
 
+@cli.command(name="digits", cls=_OptionsAfterArguments)
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--size", type=click.IntRange(min=8), default=28, show_default=True, help="Side of the written PNGs.")
+def digits_command(out, size):
+    """Write scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes) as a train/val/test folder of
+    PNGs, upscaled to --size, for `--data OUT` (for example with configs/mynet.yaml). Needs no network."""
+    return ("digits", [dict(out=out, size=size)])
+
+
+@cli.command(name="sweep")
+@click.option("--set", "grid", multiple=True, metavar="SECTION.KEY=V1,V2,...",
+              help="Values to try for one config key (repeatable; every combination runs).")
+@click.option("--random", "sample", type=click.IntRange(min=1), default=None,
+              help="Run only this many combinations, drawn at random from the grid.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the --random draw.")
+@click.option("--until", type=click.Choice(["train-head", "finetune"]), default="finetune", show_default=True,
+              help="The last stage each combination runs (a sweep never evaluates on the test split).")
+@click.option("--apply", "apply_best", is_flag=True,
+              help="Then run the whole pipeline in --artifacts with the best combination.")
+def sweep_command(grid, sample, seed, until, apply_best):
+    """Try every combination of config values, choosing by validation accuracy; write sweep.csv, sweep.png
+    (the runs' validation curves overlaid) and best.yaml under --artifacts/sweep."""
+    return ("sweep", [dict(grid=grid, sample=sample, seed=seed, until=until, apply=apply_best)])
+
+
 @cli.command(name="predict", cls=_OptionsAfterArguments)
 @click.argument("path", type=click.Path())
 @click.option("--format", "format_name", type=click.Choice(RUNNABLE), default="coreml", show_default=True,
@@ -108,7 +133,7 @@ def _execute(ctx, results, **_):
                                  weights_dir=opts["weights_dir"])
         runner = Runner(cfg, opts["artifacts"])
         targets = [name for kind, names in results if kind == "run" for name in names]
-        if targets or any(kind in ("verify", "predict") for kind, _ in results):
+        if targets or any(kind in ("verify", "predict", "sweep") for kind, _ in results):
             quiet.load_tensorflow()
         if targets:
             runner.run(targets, force=set(targets) if opts["force"] else set())
@@ -117,6 +142,12 @@ def _execute(ctx, results, **_):
         for kind, items in results:
             if kind == "verify":
                 _verify(cfg, opts["artifacts"])
+            for item in items if kind == "sweep" else []:
+                _sweep(opts, item)
+            for item in items if kind == "digits" else []:
+                summary = digits.write_digits(item["out"], size=item["size"])
+                click.echo(f"wrote {summary['images']} digit images ({summary['size']} px) to {item['out']}: "
+                           + ", ".join(f"{split} {n}" for split, n in summary["splits"].items()))
             for item in items if kind == "predict" else []:
                 predictor = predict.load_predictor(item["format_name"], cfg, opts["artifacts"])
                 results_ = predict.top_labels(predictor, predict.image_files(item["path"]), item["top_k"])
@@ -129,15 +160,31 @@ def _execute(ctx, results, **_):
         sys.exit(130)
 
 
+def _sweep(opts, item):
+    def make_config(combo):
+        overrides = [*opts["overrides"], *(f"{key}={value}" for key, value in combo.items())]
+        return config_module.load(opts["config_path"], data=opts["data"], overrides=overrides,
+                                  weights_dir=opts["weights_dir"])
+
+    grid = sweep.parse_grid(item["grid"])
+    rows, best, best_path = sweep.run(make_config, opts["artifacts"], grid, item["until"], item["sample"],
+                                      item["seed"])
+    columns = [*grid, "val_accuracy", "val_loss", "best_epoch", "minutes"]
+    click.echo(format_status([{c: (f"{r[c]:.4f}" if c.startswith("val_") else r[c]) for c in columns}
+                              for r in rows], columns))
+    click.echo(f"best: {', '.join(f'{k}={best[k]}' for k in grid)}; its config: {best_path}")
+    if item["apply"]:
+        sweep.apply(make_config({k: best[k] for k in grid}), best, opts["artifacts"])
+
+
 def _verify(cfg, artifacts):
     rows = export_stage.verify(cfg, Catalog(artifacts))
     click.echo(table(rows), nl=False)
     export_stage.stop_on_failures(rows, show_table=False)  # just printed
 
 
-def format_status(rows):
-    """The status rows as an aligned text table."""
-    columns = ("stage", "state", "why", "last_run", "took", "outputs")
+def format_status(rows, columns=("stage", "state", "why", "last_run", "took", "outputs")):
+    """Rows (dicts) as an aligned text table of `columns` (by default the status table's)."""
     widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
     lines = ["  ".join(c.ljust(widths[c]) for c in columns)]
     lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in columns) for r in rows]

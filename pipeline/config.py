@@ -106,11 +106,13 @@ class AugmentConfig:
 class ModelConfig:
     """The network: a frozen ImageNet backbone under GlobalAveragePooling -> Dropout -> Dense(L2) -> softmax.
 
-    backbone: a name from pipeline.backbones.BACKBONES (mobilenet, mobilenet_v2, efficientnet_lite0, resnet50).
+    backbone: a name from pipeline.backbones.BACKBONES: ImageNet networks (mobilenet, mobilenet_v2,
+        efficientnet_lite0, resnet50), or small networks trained from scratch (mynet, smallcnn; model.weights
+        null, train_head.features live, and usually finetune.epochs 0).
     alpha: the width multiplier, one the backbone offers (MobileNet v1: 0.25, 0.5, 0.75, 1.0); null = the
         backbone's default (MobileNet v1: 0.75).
     image_size: the square input size in pixels, also the exported models' input size.
-    weights: `imagenet`, or null for random initialisation (tests only).
+    weights: `imagenet`, or null for random initialisation (the small networks; tests).
     weights_dir: a folder of Keras weight files, looked in before Keras's cache and download; when the config
         does not set it, $MULTISNACKS_WEIGHTS_DIR if set (the --weights-dir option sets it too). Not part of the
         cache key: it says where a file is, not what to compute.
@@ -133,7 +135,10 @@ class ModelConfig:
         spec = BACKBONES[self.backbone]
         _check("model.alpha", self.alpha, self.alpha is None or self.alpha in spec.alphas,
                f"null or one of {sorted(spec.alphas)} for backbone {self.backbone}")
-        _check("model.image_size", self.image_size, 32 <= self.image_size <= 1024, "an integer in [32, 1024]")
+        _check("model.image_size", self.image_size, spec.min_image_size <= self.image_size <= 1024,
+               f"an integer in [{spec.min_image_size}, 1024] for backbone {self.backbone}")
+        _check("model.weights", self.weights, self.weights is None or not spec.from_scratch,
+               f"null for backbone {self.backbone}, which has no pretrained weights (it trains from scratch)")
         _check("model.dropout", self.dropout, 0 <= self.dropout < 1, "a number in [0, 1)")
         _check("model.l2", self.l2, self.l2 >= 0, "a number >= 0")
 
@@ -142,7 +147,12 @@ class ModelConfig:
 class TrainingConfig:
     """What train_head and finetune share: how long, how fast, which loss, and which cached views.
 
-    epochs, batch_size, learning_rate: as in Keras's fit and Adam.
+    epochs, batch_size, learning_rate: as in Keras's fit and the optimizer.
+    optimizer: `adam`, `sgd` or `rmsprop`; momentum: SGD's and RMSprop's momentum (Adam ignores it).
+    class_weight: `none`, or `balanced`: each class's loss weighted by n_images / (n_classes * its count), so
+        a small class counts as much as a large one.
+    oversample: repeat the smaller classes' training images (or cached views) in every epoch up to the
+        largest class's count; for live and cached training alike.
     schedule: `constant`; `plateau` (ReduceLROnPlateau on validation loss: lr_factor, lr_patience, min_lr);
         `cosine` (linear warm-up over warmup_epochs, then cosine decay to min_lr at the last epoch).
     label_smoothing: categorical cross-entropy's label smoothing (0 = none).
@@ -161,6 +171,10 @@ class TrainingConfig:
     epochs: int = 10
     batch_size: int = 64
     learning_rate: float = 1e-3
+    optimizer: typing.Literal["adam", "sgd", "rmsprop"] = "adam"
+    momentum: float = 0.9
+    class_weight: typing.Literal["none", "balanced"] = "none"
+    oversample: bool = False
     schedule: typing.Literal["constant", "plateau", "cosine"] = "constant"
     warmup_epochs: int = 0
     lr_factor: float = 1 / 3
@@ -181,6 +195,7 @@ class TrainingConfig:
         _check(f"{section}.epochs", self.epochs, low <= self.epochs <= 1000, f"an integer in [{low}, 1000]")
         _check(f"{section}.batch_size", self.batch_size, 1 <= self.batch_size <= 4096, "an integer in [1, 4096]")
         _check(f"{section}.learning_rate", self.learning_rate, 0 < self.learning_rate <= 1, "a number in (0, 1]")
+        _check(f"{section}.momentum", self.momentum, 0 <= self.momentum < 1, "a number in [0, 1)")
         _check(f"{section}.warmup_epochs", self.warmup_epochs, 0 <= self.warmup_epochs < max(self.epochs, 1),
                f"an integer in [0, {section}.epochs)")
         _check(f"{section}.lr_factor", self.lr_factor, 0 < self.lr_factor < 1, "a number in (0, 1)")
@@ -337,7 +352,11 @@ class Config:
         """Checks that involve more than one section."""
         from pipeline.backbones import BACKBONES
 
-        cuts = BACKBONES[self.model.backbone].cut_points
+        spec = BACKBONES[self.model.backbone]
+        _check("train_head.features", self.train_head.features,
+               self.train_head.features == "live" or not spec.from_scratch,
+               f"live for backbone {self.model.backbone}, which trains whole in train-head (no frozen features)")
+        cuts = spec.cut_points
         _check("finetune.unfreeze_from", self.finetune.unfreeze_from,
                self.finetune.unfreeze_from == "all" or self.finetune.unfreeze_from in cuts,
                f"'all' or a cut point of {self.model.backbone}: {', '.join(cuts)}")

@@ -1,7 +1,7 @@
 """The classifier: backbone, then GlobalAveragePooling -> Dropout -> Dense(L2) -> softmax; saving and loading."""
 from __future__ import annotations
 
-from pipeline.backbones import build_base
+from pipeline.backbones import BACKBONES, build_base
 
 
 def _head_layers(model_cfg, n_classes):
@@ -15,13 +15,20 @@ def _head_layers(model_cfg, n_classes):
 
 
 def build_classifier(model_cfg, n_classes):
-    """The full classifier with its backbone frozen; the backbone always runs in inference mode."""
+    """The full classifier; the backbone always runs in inference mode, frozen unless it trains from scratch.
+
+    A backbone ending in a feature map is pooled (GlobalAveragePooling); one ending in a vector (the small
+    networks) passes it on unchanged through a layer of the same name, so every classifier has a "pool".
+    """
     import tf_keras as keras
 
     base = build_base(model_cfg)
-    base.trainable = False
+    base.trainable = BACKBONES[model_cfg.backbone].from_scratch
     inputs = keras.Input((model_cfg.image_size, model_cfg.image_size, 3), name="image")
-    x = keras.layers.GlobalAveragePooling2D(name="pool")(base(inputs, training=False))
+    features = base(inputs, training=False)
+    pool = (keras.layers.GlobalAveragePooling2D(name="pool") if len(features.shape) == 4
+            else keras.layers.Activation("linear", name="pool"))
+    x = pool(features)
     for layer in _head_layers(model_cfg, n_classes):
         x = layer(x)
     return keras.Model(inputs, x, name="multisnacks")

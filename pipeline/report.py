@@ -40,6 +40,23 @@ def plot_curves(rows, path):
     _save(fig, path)
 
 
+def plot_overlaid_curves(curves, path, title):
+    """Several runs' validation accuracy and loss per epoch in one figure: {label: history rows}, one line each."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for label, rows in curves.items():
+        epochs = [r["epoch"] for r in rows]
+        for ax, metric in zip(axes, ("val_accuracy", "val_loss")):
+            ax.plot(epochs, [r[metric] for r in rows], "-o", markersize=3, label=label)
+    for ax, name in zip(axes, ("validation accuracy", "validation loss")):
+        ax.set_xlabel("epoch")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    _save(fig, path)
+
+
 def plot_confusion(matrix, classes, path):
     """A seaborn heatmap of the confusion matrix, class names on both axes."""
     import seaborn as sns

@@ -8,7 +8,10 @@ import math
 import sys
 import time
 
-from pipeline import fileio
+import numpy as np
+
+from pipeline import balance, fileio
+from pipeline.progress import Progress
 
 log = logging.getLogger("pipeline.training")
 
@@ -48,14 +51,32 @@ def _callbacks():
             if logs is not None:
                 logs["lr"] = float(keras.backend.get_value(self.model.optimizer.learning_rate))
 
-    return keras, TimeBudget, LearningRate
+    class EpochLog(keras.callbacks.Callback):
+        """Where Keras's own bar is not shown (output not a terminal): the batches as periodic progress lines
+        and one line per epoch, through the pipeline's log."""
+
+        def __init__(self, epochs, steps):
+            super().__init__()
+            self.epochs, self.steps = epochs, steps
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.progress = Progress(f"epoch {epoch + 1}/{self.epochs}", self.steps, "batches")
+            self.start = time.monotonic()
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.progress.advance()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.progress.close()
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in (logs or {}).items())
+            log.info("epoch %d/%d in %.0fs: %s", epoch + 1, self.epochs, time.monotonic() - self.start, shown)
+
+    return keras, TimeBudget, LearningRate, EpochLog
 
 
-def keras_verbose(predict=False):
-    """Keras's verbosity: progress bars on a terminal; in a log, a line per epoch (fit) or none (predict)."""
-    if sys.stderr.isatty():
-        return 1
-    return 0 if predict else 2
+def keras_verbose():
+    """Keras's verbosity: its progress bars on a terminal; in a log none (fit logs its own lines, EpochLog)."""
+    return 1 if sys.stderr.isatty() else 0
 
 
 def learning_rate_at(epoch, section):
@@ -70,18 +91,21 @@ def learning_rate_at(epoch, section):
 def _schedule_callbacks(keras, section):
     if section.schedule == "plateau":
         return [keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=section.lr_factor,
-                                                  patience=section.lr_patience, min_lr=section.min_lr, verbose=1)]
+                                                  patience=section.lr_patience, min_lr=section.min_lr, verbose=0)]
     if section.schedule == "cosine":
         return [keras.callbacks.LearningRateScheduler(lambda epoch, lr: learning_rate_at(epoch, section))]
     return []
 
 
 def _optimizer(keras, section, steps_per_epoch):
-    if section.ema_momentum is None:
-        return keras.optimizers.Adam(section.learning_rate)
-    # Overwriting once per epoch puts the average in the model before each validation and checkpoint.
-    return keras.optimizers.Adam(section.learning_rate, use_ema=True, ema_momentum=section.ema_momentum,
-                                 ema_overwrite_frequency=max(steps_per_epoch, 2))
+    average = {} if section.ema_momentum is None else {
+        # Overwriting once per epoch puts the average in the model before each validation and checkpoint.
+        "use_ema": True, "ema_momentum": section.ema_momentum, "ema_overwrite_frequency": max(steps_per_epoch, 2)}
+    if section.optimizer == "sgd":
+        return keras.optimizers.SGD(section.learning_rate, momentum=section.momentum, **average)
+    if section.optimizer == "rmsprop":
+        return keras.optimizers.RMSprop(section.learning_rate, momentum=section.momentum, **average)
+    return keras.optimizers.Adam(section.learning_rate, **average)
 
 
 def fit(model, train, validation, section, files, **fit_kwargs):
@@ -91,7 +115,7 @@ def fit(model, train, validation, section, files, **fit_kwargs):
     patience, max_minutes, ...). `train` is a Sequence of (inputs, one-hot labels) batches or an (x, y) tuple
     of arrays; `validation` likewise. Returns a summary dict of the run.
     """
-    keras, TimeBudget, LearningRate = _callbacks()
+    keras, TimeBudget, LearningRate, EpochLog = _callbacks()
     loss = keras.losses.CategoricalCrossentropy(label_smoothing=section.label_smoothing)
     x, y = train if isinstance(train, tuple) else (train, None)
     steps_per_epoch = len(x) if y is None else math.ceil(len(x) / section.batch_size)
@@ -106,6 +130,12 @@ def fit(model, train, validation, section, files, **fit_kwargs):
                                       restore_best_weights=True, verbose=0),
         budget,
     ]
+    if keras_verbose() == 0:
+        callbacks.append(EpochLog(section.epochs, steps_per_epoch))  # after LearningRate: the line shows lr
+    if section.class_weight == "balanced":
+        labels = x.labels if y is None else np.asarray(y).argmax(axis=1)
+        n_classes = x.n_classes if y is None else np.asarray(y).shape[1]
+        fit_kwargs["class_weight"] = balance.class_weights(labels, n_classes)
     keras.utils.set_random_seed(section.seed)
     t0 = time.monotonic()
     history = model.fit(x, y, validation_data=validation, epochs=section.epochs, callbacks=callbacks,

@@ -201,3 +201,18 @@ def test_bad_set_is_a_clear_error(world, tmp_path, override, named):
 def test_weights_dir_is_not_part_of_the_cache_key(world, tmp_path):
     status = invoke(*base_args(world), "--weights-dir", str(tmp_path), "status")
     assert "stale" not in status.stdout
+
+
+@pytest.mark.parametrize("name", ["mynet", "smallcnn"])
+def test_a_small_network_runs_end_to_end_on_the_digits_folder(tmp_path, name):
+    digits = tmp_path / "digits"
+    result = invoke("digits", str(digits), "--size", "28")
+    assert "wrote 1797 digit images" in result.stdout and (digits / "test" / "7").is_dir()
+    artifacts = tmp_path / "artifacts"
+    result = invoke("--config", f"configs/{name}.yaml", "--data", str(digits), "--artifacts", str(artifacts),
+                    "--set", "train_head.epochs=3", "--set", "export.formats=[coreml, onnx, tflite]", "all")
+    assert ran(result) == ["ingest", "augment", "train-head", "finetune", "evaluate", "export"]
+    rows = json.loads((artifacts / "export" / "export.json").read_text())["formats"]
+    assert all(row["passed"] and row.get("top1_agreement", 1.0) == 1.0 for row in rows), rows
+    metrics = json.loads((artifacts / "evaluate" / "metrics.json").read_text())
+    assert metrics["accuracy"] > 0.3  # three epochs from scratch: well above chance (0.1), far from done

@@ -132,3 +132,24 @@ def test_default_export_list_leaves_out_the_8_bit_variants():
     assert "coreml-int8" not in formats and "tflite-int8" not in formats
     assert {"coreml", "coreml-fp16", "coreml-mlprogram", "onnx", "onnx-fp16", "tflite", "tflite-fp16"} == set(formats)
     assert config.from_dict({"export": {"formats": ["tflite-int8"]}}).export.formats == ["tflite-int8"]
+
+
+@pytest.mark.parametrize("raw, key", [
+    ({"model": {"backbone": "mynet", "weights": "imagenet"}}, "model.weights"),
+    ({"model": {"backbone": "mynet", "weights": None, "image_size": 4}}, "model.image_size"),
+    ({"model": {"backbone": "smallcnn", "weights": None, "image_size": 32}, "train_head": {"features": "cached"}},
+     "train_head.features"),
+    ({"train_head": {"optimizer": "lbfgs"}}, "train_head.optimizer"),
+    ({"finetune": {"momentum": 1.0}}, "finetune.momentum"),
+    ({"train_head": {"class_weight": "auto"}}, "train_head.class_weight"),
+])
+def test_small_network_and_optimizer_keys_are_validated(raw, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        config.from_dict(raw)
+
+
+def test_the_small_network_configs_load():
+    for name in ("mynet", "smallcnn"):
+        cfg = config.load(CONFIGS / f"{name}.yaml")
+        assert cfg.model.backbone == name and cfg.model.weights is None and cfg.finetune.epochs == 0
+        assert cfg.train_head.optimizer == "sgd" and not cfg.augment.horizontal_flip

@@ -62,3 +62,25 @@ def test_head_weights_copy_into_the_classifier(classifier):
     head.get_layer("logits").set_weights([kernel, np.zeros(3, np.float32)])
     models.copy_head(head, classifier)
     np.testing.assert_array_equal(classifier.get_layer("logits").get_weights()[0], kernel)
+
+
+@pytest.mark.parametrize("backbone, size, hidden", [("mynet", 28, 200), ("smallcnn", 32, 128)])
+def test_small_networks_train_whole_and_are_what_their_definitions_say(backbone, size, hidden):
+    model = models.build_classifier(ModelConfig(backbone=backbone, image_size=size, weights=None), 4)
+    base = models.backbone_of(model)
+    assert base.trainable and all(layer.trainable for layer in base.layers)
+    assert models.feature_extractor(model).output_shape == (None, hidden)  # no pooling of a vector
+    dense = [layer for layer in base.layers if type(layer).__name__ == "Dense"]
+    assert [d.units for d in dense] == [hidden] and dense[0].activation.__name__ == "relu"
+    if backbone == "smallcnn":  # two convolution + max-pooling blocks of 32 and 64 3x3 filters
+        convs = [layer for layer in base.layers if type(layer).__name__ == "Conv2D"]
+        pools = [layer for layer in base.layers if type(layer).__name__ == "MaxPooling2D"]
+        assert [(c.filters, c.kernel_size) for c in convs] == [(32, (3, 3)), (64, (3, 3))] and len(pools) == 2
+    else:  # MyNet: 28 x 28 x 3 pixels into 200 units
+        assert dense[0].kernel.shape == (28 * 28 * 3, 200)
+    assert model.output_shape == (None, 4)
+
+
+def test_pretrained_backbones_stay_frozen():
+    model = models.build_classifier(ModelConfig(backbone="mobilenet", alpha=0.25, image_size=32, weights=None), 3)
+    assert not models.backbone_of(model).trainable

@@ -4,6 +4,7 @@ import csv
 import math
 
 import numpy as np
+import pytest
 
 from pipeline import models, training
 from pipeline.catalog import TrainFiles
@@ -88,3 +89,31 @@ def test_ema_puts_the_average_into_the_model_each_epoch(tmp_path):
         moved[momentum] = np.abs(head.get_layer("logits").get_weights()[0] - initial).max()
     assert moved[None] > 1e-2
     assert moved[1 - 1e-9] < 1e-6
+
+
+@pytest.mark.parametrize("name, keras_class, momentum", [("adam", "Adam", None), ("sgd", "SGD", 0.5),
+                                                          ("rmsprop", "RMSprop", 0.5)])
+def test_the_configured_optimizer_trains(tmp_path, name, keras_class, momentum):
+    head = models.build_head(ModelConfig(), 3, 8)
+    section = TrainHeadConfig(epochs=1, batch_size=16, optimizer=name, momentum=0.5)
+    training.fit(head, data(), data(seed=1), section, TrainFiles(tmp_path))
+    assert type(head.optimizer).__name__ == keras_class
+    if momentum is not None:
+        assert float(head.optimizer.momentum) == momentum
+
+
+def test_balanced_class_weight_reaches_keras(tmp_path, monkeypatch):
+    head = models.build_head(ModelConfig(), 3, 8)
+    x, y = data()
+    y = np.eye(3, dtype=np.float32)[[0] * 40 + [1] * 16 + [2] * 8]
+    seen = {}
+    real_fit = type(head).fit
+
+    def fit(self, *args, **kwargs):
+        seen.update(kwargs)
+        return real_fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(head), "fit", fit)
+    training.fit(head, (x, y), data(seed=1), TrainHeadConfig(epochs=1, batch_size=16, class_weight="balanced"),
+                 TrainFiles(tmp_path))
+    assert seen["class_weight"] == pytest.approx({0: 64 / (3 * 40), 1: 64 / (3 * 16), 2: 64 / (3 * 8)})

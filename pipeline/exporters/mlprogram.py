@@ -44,11 +44,7 @@ def problems(path, meta):
     if labels != list(meta.labels):
         found.append(f"class labels differ from classes.txt: {labels} vs {list(meta.labels)}")
     scale, bias = _image_scale_bias(operations, coreml.INPUT_NAME)
-    if scale is None:
-        found.append(f"no scale/bias operations on the input '{coreml.INPUT_NAME}'")
-    else:
-        found += coreml._scale_bias_problems(scale, bias, meta)
-    return found
+    return found + coreml._scale_bias_problems(scale, bias, meta)
 
 
 def load(path, labels=None):
@@ -90,7 +86,10 @@ def _classify_labels(operations):
 
 
 def _image_scale_bias(operations, input_name):
-    """(scale, [red, green, blue] bias) of the mul/add the converter puts on the image, or (None, None)."""
+    """(scale, [red, green, blue] bias) of the mul/add the converter puts on the image.
+
+    The converter leaves out a unit scale or a zero bias (x / 255 has no add), so a missing op means 1 or 0.
+    """
     constants = _constants(operations)
     scale = bias = None
     current = input_name
@@ -102,4 +101,4 @@ def _image_scale_bias(operations, input_name):
             else:
                 bias = (list(value) * 3)[:3] if value.size == 1 else list(value)
             current = op.outputs[0].name
-    return (scale if scale is not None else 1.0, bias) if bias is not None else (None, None)
+    return (1.0 if scale is None else scale), ([0.0, 0.0, 0.0] if bias is None else bias)

@@ -25,7 +25,7 @@ def predict(model, ingest_files, augment_files, split, size, batch_size, flip=Fa
     """Class probabilities of every image of a split, in index order."""
     batches = split_batches(ingest_files, augment_files, split, size, batch_size, flip=flip)
     log.info("predicting %d %s images%s", len(batches.paths), split, " (mirrored)" if flip else "")
-    return model.predict(batches, verbose=keras_verbose(predict=True))
+    return model.predict(batches, verbose=keras_verbose())
 
 
 def vision_accuracies(model, rows, labels, size, settings, batch_size, scale_fill_probabilities):

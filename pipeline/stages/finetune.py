@@ -39,7 +39,7 @@ def _fit_cached(ctx, model):
     log.info("cached %d activations of shape %s (%.2f GB on disk)", len(x), x.shape[1:],
              (x.nbytes + val_x.nbytes) / 1e9)
     train = CachedBatches(x, y, n_classes, batch, shuffle=True, seed=section.seed, n_views=len(views),
-                          views_per_epoch=section.views_per_epoch)
+                          views_per_epoch=section.views_per_epoch, oversample=section.oversample)
     summary = training.fit(upper, train, CachedBatches(val_x, val_y, n_classes, batch), section, out)
     for array in (x, val_x):
         array.remove()
@@ -66,7 +66,7 @@ def run(ctx):
         summary = _fit_cached(ctx, model)
     else:
         train = split_batches(ingest, augment, "train", size, section.batch_size, augment=True, shuffle=True,
-                              seed=section.seed)
+                              seed=section.seed, oversample=section.oversample)
         val = split_batches(ingest, augment, "val", size, section.batch_size)
         summary = training.fit(model, train, val, section, out)
     models.save(model, out.model)

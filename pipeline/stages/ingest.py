@@ -211,7 +211,9 @@ def check(rows, layout, cfg):
     for label in classes:
         if counts[label]["train"] < cfg.ingest.imbalance_ratio * largest:
             warnings.append(f"class imbalance: '{label}' has {counts[label]['train']} training images, "
-                            f"less than {cfg.ingest.imbalance_ratio:g} x the largest class ({largest})")
+                            f"less than {cfg.ingest.imbalance_ratio:g} x the largest class ({largest}); to make "
+                            "it count as much, set train_head.class_weight (and finetune.class_weight) to "
+                            "balanced, or train_head.oversample (and finetune.oversample) to true")
     by_hash = defaultdict(list)
     for row in rows:
         by_hash[row["sha256"]].append(row)

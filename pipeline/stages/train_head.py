@@ -14,7 +14,8 @@ def run(ctx):
     training.check_batch_size("train_head", batch, len(ingest.read_index("train")))
     model = models.build_classifier(cfg.model, len(classes))
     if section.features == "live":
-        train = split_batches(ingest, augment, "train", size, batch, augment=True, shuffle=True, seed=section.seed)
+        train = split_batches(ingest, augment, "train", size, batch, augment=True, shuffle=True, seed=section.seed,
+                              oversample=section.oversample)
         val = split_batches(ingest, augment, "val", size, batch)
         summary = training.fit(model, train, val, section, out)
         how = "live augmentation"
@@ -25,7 +26,7 @@ def run(ctx):
         val_x, val_y = cache_split(extractor, ingest, augment, "val", size, batch, out.cache("val"))
         head = models.build_head(cfg.model, len(classes), x.shape[1])
         train = CachedBatches(x, y, len(classes), batch, shuffle=True, seed=section.seed, n_views=len(views),
-                              views_per_epoch=section.views_per_epoch)
+                              views_per_epoch=section.views_per_epoch, oversample=section.oversample)
         summary = training.fit(head, train, CachedBatches(val_x, val_y, len(classes), batch), section, out)
         for array in (x, val_x):
             array.remove()
