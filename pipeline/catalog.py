@@ -7,7 +7,6 @@ folder while the stage runs and swap it into place when the stage succeeds.
 from __future__ import annotations
 
 import csv
-import io
 import os
 from pathlib import Path
 
@@ -42,7 +41,7 @@ class IngestFiles(StageFiles):
 
     def write_classes(self, classes):
         """Write the class labels, one per line, in output order."""
-        fileio.write_text(self.classes, "".join(f"{label}\n" for label in classes))
+        fileio.write_lines(self.classes, classes)
 
     def read_classes(self):
         """The class labels written by ingest, in output order."""
@@ -50,7 +49,7 @@ class IngestFiles(StageFiles):
 
     def write_index(self, columns, rows):
         """Write the image index: one row per image (path, label, split, ...), as CSV."""
-        fileio.write_text(self.index, csv_text(columns, rows))
+        fileio.write_csv(self.index, columns, rows)
 
     def read_index(self, split=None):
         """The image index written by ingest: a list of rows (dicts with path, label, split), optionally of one split."""
@@ -69,15 +68,6 @@ def class_indices(rows, classes):
     if unknown:
         raise DataError(f"labels {unknown} are not in the class list {list(classes)}: rerun ingest")
     return np.array([index[row["label"]] for row in rows], dtype=int)
-
-
-def csv_text(columns, rows):
-    """Rows (dicts) as CSV text with a header of `columns`."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
 
 
 class AugmentFiles(StageFiles):
@@ -127,7 +117,7 @@ class ExportFiles(StageFiles):
 
     def write_labels(self, labels):
         """Write labels.txt, shipped beside the exported files (one label per line, in output order)."""
-        fileio.write_text(self.labels, "".join(f"{label}\n" for label in labels))
+        fileio.write_lines(self.labels, labels)
 
     def read_labels(self):
         """The labels shipped beside the exported files."""

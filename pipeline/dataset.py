@@ -197,11 +197,9 @@ def _unpack_zip(archive, dest, budget):
                             "with its password and pass --data FOLDER")
         budget.check_declared(sum(m.file_size for m in members))
         for member in members:
-            target = _member_path(dest, member.filename)
-            if member.is_dir():
-                target.mkdir(parents=True, exist_ok=True)
+            target = _make_place(dest, member.filename, member.is_dir())
+            if target is None:
                 continue
-            target.parent.mkdir(parents=True, exist_ok=True)
             with zf.open(member) as src, open(target, "wb") as dst:
                 budget.copy(src, dst)
 
@@ -218,11 +216,9 @@ def _unpack_tar(archive, dest, budget):
         _check_tar_links(archive, members)
         symlinks = []
         for member in members:
-            target = _member_path(dest, member.name)
-            if member.isdir():
-                target.mkdir(parents=True, exist_ok=True)
+            target = _make_place(dest, member.name, member.isdir())
+            if target is None:
                 continue
-            target.parent.mkdir(parents=True, exist_ok=True)
             if member.isreg():
                 with tf.extractfile(member) as src, open(target, "wb") as dst:
                     budget.copy(src, dst)
@@ -232,6 +228,17 @@ def _unpack_tar(archive, dest, budget):
                 symlinks.append((target, member.linkname))
         for target, linkname in symlinks:
             os.symlink(linkname, target)
+
+
+def _make_place(dest, name, is_dir):
+    """Make the folder of member `name` under `dest`: the member's own for a folder (then None), else its
+    parent (then the path to write it to)."""
+    target = _member_path(dest, name)
+    if is_dir:
+        target.mkdir(parents=True, exist_ok=True)
+        return None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return target
 
 
 def _member_path(dest, name):

@@ -1,4 +1,4 @@
-"""Atomic writes and content hashing."""
+"""Atomic writes (text, lines, CSV, JSON) and content hashing."""
 import contextlib
 import hashlib
 import json
@@ -50,6 +50,23 @@ def write_text(path, text):
     """Write `text` to `path` atomically (UTF-8)."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def write_lines(path, lines):
+    """Write `lines` as text, one per line, atomically."""
+    write_text(path, "".join(f"{line}\n" for line in lines))
+
+
+def write_csv(path, columns, rows):
+    """Write rows (dicts) as CSV with a header of `columns`, atomically."""
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buffer.getvalue())
 
 
 def write_json(path, obj):

@@ -10,7 +10,6 @@ never read. The sweep writes `sweep.csv`, `sweep.png` (every run's validation cu
 from __future__ import annotations
 
 import csv
-import io
 import itertools
 import logging
 import os
@@ -27,7 +26,7 @@ from pipeline.catalog import Catalog
 from pipeline.errors import ConfigError
 from pipeline.report import plot_overlaid_curves
 from pipeline.runner import Runner
-from pipeline.stages import BY_NAME, upstream_closure
+from pipeline.stages import STAGES, upstream_closure
 
 log = logging.getLogger("pipeline.sweep")
 
@@ -134,7 +133,7 @@ def run(make_config, artifacts, grid, until="finetune", sample=None, seed=0):
         curves[label] = _history(files.history)
         donors.append(trial)
     best = max(rows, key=lambda r: (r["val_accuracy"], -r["val_loss"]))
-    _write_csv(folder / "sweep.csv", rows)
+    fileio.write_csv(folder / "sweep.csv", list(rows[0]), rows)
     plot_overlaid_curves(curves, folder / "sweep.png", f"{until}: validation curves of each combination")
     best_cfg = make_config({k: best[k] for k in grid})
     best_path = folder / "best.yaml"
@@ -148,8 +147,8 @@ def run(make_config, artifacts, grid, until="finetune", sample=None, seed=0):
 def apply(best_cfg, best_row, artifacts):
     """Make the best combination the main artifacts' config: reuse its stages there, then run the rest."""
     runner = Runner(best_cfg, artifacts)
-    reuse(runner, upstream_closure(list(BY_NAME)), [Path(best_row["folder"])])
-    return runner.run(list(BY_NAME))
+    reuse(runner, STAGES, [Path(best_row["folder"])])
+    return runner.run([stage.name for stage in STAGES])
 
 
 def _sections(cfg):
@@ -163,9 +162,3 @@ def _history(path):
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-def _write_csv(path, rows):
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    fileio.write_text(path, buffer.getvalue())

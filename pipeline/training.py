@@ -1,8 +1,6 @@
 """Fitting a model with the pipeline's callbacks, and writing its history, curves and best weights."""
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import math
 import sys
@@ -157,12 +155,7 @@ def fit(model, train, validation, section, files, **fit_kwargs):
 
 def write_history(files, rows):
     """Write the per-epoch history as CSV and plot its loss and accuracy curves."""
-    buffer = io.StringIO()
-    columns = list(rows[0]) if rows else ["epoch"]
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    fileio.write_text(files.history, buffer.getvalue())
+    fileio.write_csv(files.history, list(rows[0]) if rows else ["epoch"], rows)
     from pipeline.report import plot_curves
 
     plot_curves(rows, files.curves)

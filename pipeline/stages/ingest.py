@@ -13,7 +13,6 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from pipeline import dataset, fileio
-from pipeline.catalog import csv_text
 from pipeline.errors import DataError
 from pipeline.images import BadImage, inspect_bytes, is_image_name
 
@@ -246,8 +245,8 @@ def run(ctx):
 
     out.write_classes(classes)
     out.write_index(INDEX_COLUMNS, rows)
-    fileio.write_text(out.counts, csv_text(("label",) + dataset.SPLITS,
-                                       [{"label": c, **{s: counts[c][s] for s in dataset.SPLITS}} for c in classes]))
+    fileio.write_csv(out.counts, ("label",) + dataset.SPLITS,
+                     [{"label": c, **{s: counts[c][s] for s in dataset.SPLITS}} for c in classes])
     split_totals = {s: sum(counts[c][s] for c in classes) for s in dataset.SPLITS}
     fileio.write_json(out.report, {
         "source": str(layout.root), "layout": layout.kind, "classes": classes, "images": split_totals,
