@@ -369,10 +369,10 @@ class Config:
         """The values of section `name` (or of the one key `section.key`) that are part of a stage's cache key:
         all but locations such as model.weights_dir."""
         section_name, _, key = name.partition(".")
-        section = getattr(self, section_name)
-        values = {f.name: value for f, value in zip(dataclasses.fields(section), self.section(section_name).values())
-                  if f.metadata.get("cache_key", True)}
-        return {key: values[key]} if key else values
+        values = self.section(section_name)
+        kept = {f.name: values[f.name] for f in dataclasses.fields(getattr(self, section_name))
+                if f.metadata.get("cache_key", True)}
+        return {key: kept[key]} if key else kept
 
     def resolved(self, names):
         """{section: values} of the sections and `section.key`s in `names`, as a stage's config.yaml records them."""

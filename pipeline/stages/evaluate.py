@@ -1,14 +1,11 @@
 """Stage 5, evaluate: the fine-tuned model on the test split, with per-class figures and the worst mistakes."""
 from __future__ import annotations
 
-import csv
-import io
 import logging
 
 import numpy as np
 
-from pipeline import fileio, models
-from pipeline import html_report, vision_crop
+from pipeline import fileio, html_report, models, vision_crop
 from pipeline.augmentation import split_batches
 from pipeline.backbones import scale_bias
 from pipeline.catalog import class_indices
@@ -120,12 +117,9 @@ def run(ctx):
 
 
 def _write_predictions(path, rows, classes, labels, probs, predicted):
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", "label", "predicted", "confidence", "p_true"])
-    for row, p, k, truth in zip(rows, probs, predicted, labels):
-        writer.writerow([row["path"], row["label"], classes[k], f"{p[k]:.4f}", f"{p[truth]:.4f}"])
-    fileio.write_text(path, buffer.getvalue())
+    fileio.write_csv(path, ("path", "label", "predicted", "confidence", "p_true"), [
+        {"path": row["path"], "label": row["label"], "predicted": classes[k], "confidence": f"{p[k]:.4f}",
+         "p_true": f"{p[truth]:.4f}"} for row, p, k, truth in zip(rows, probs, predicted, labels)])
 
 
 def _report(ctx, result, classes, rows, worst, probs, predicted):

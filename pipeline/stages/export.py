@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import fileio, models
-from pipeline.catalog import class_indices
 from pipeline.backbones import alpha_of
+from pipeline.catalog import class_indices
 from pipeline.errors import ExportError, PipelineError
 from pipeline.exporters import FORMATS, model_meta
 from pipeline.images import load_array
@@ -65,12 +65,13 @@ def stage_meta(cfg, inputs):
                        fileio.read_json(inputs["ingest"].report))
 
 
-def parity(cfg, inputs, files, model=None):
-    """The parity rows of the exported `files` ({format: path}) against the fine-tuned Keras model."""
+def parity(cfg, inputs, files, model=None, meta=None):
+    """The parity rows of the exported `files` ({format: path}) against the fine-tuned Keras model (and the
+    metadata the files carry), each loaded from the upstream stages' files when not given."""
     pixels, truth = check_images(inputs["ingest"], cfg)
     model = model or models.load(inputs["finetune"].model)
-    return measure(files, model, inputs["finetune"].model, stage_meta(cfg, inputs), pixels, truth, cfg.export,
-                   log=_log_row)
+    return measure(files, model, inputs["finetune"].model, meta or stage_meta(cfg, inputs), pixels, truth,
+                   cfg.export, log=_log_row)
 
 
 def export_file(name, model, meta, path):
@@ -100,15 +101,14 @@ def stop_on_failures(rows, show_table=True):
 def run(ctx):
     """Export every configured format, measure each against Keras, and write labels.txt, export.json, parity.md."""
     cfg, out = ctx.cfg, ctx.out
-    classes = ctx.inputs["ingest"].read_classes()
     meta = stage_meta(cfg, ctx.inputs)
     model = models.load(ctx.inputs["finetune"].model)
-    out.write_labels(classes)
+    out.write_labels(meta.labels)
     files = {name: out.model(cfg.export.name, name) for name in cfg.export.formats}
     for name, path in files.items():
         export_file(name, model, meta, path)
-    rows = parity(cfg, ctx.inputs, files, model)
-    fileio.write_json(out.checks, {"labels": classes, "preprocessing": meta.preprocessing(), "formats": rows})
+    rows = parity(cfg, ctx.inputs, files, model, meta)
+    fileio.write_json(out.checks, {"labels": meta.labels, "preprocessing": meta.preprocessing(), "formats": rows})
     fileio.write_text(out.parity, table(rows))
     stop_on_failures(rows)
     for row in rows:
