@@ -149,6 +149,11 @@ class Catalog:
         """Where dataset archives are unpacked, one folder per archive content hash."""
         return self.root / "sources"
 
+    @property
+    def feature_store(self):
+        """Where computed features are kept between runs, one folder per key (pipeline.feature_store)."""
+        return self.root / "feature-store"
+
     def scratch(self, name):
         """The root for a stage's temporary folders while it runs."""
         return self.root / f".{name}.tmp"

@@ -52,6 +52,17 @@ def feature_extractor(classifier):
     return keras.Model(classifier.input, classifier.get_layer("pool").output, name="features")
 
 
+def weights_digest(model):
+    """The SHA-256 hex digest of a model's weights (every array's shape, dtype and bytes, in layer order)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for array in model.get_weights():
+        digest.update(f"{array.shape}{array.dtype}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
 def split_at(classifier, backbone_name, cut):
     """Split a classifier at a cut point of its backbone: (frozen part, the rest as a model sharing its layers).
 

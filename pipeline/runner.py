@@ -17,6 +17,7 @@ import yaml
 from pipeline import code_deps, fileio
 from pipeline.catalog import MANIFEST, Catalog
 from pipeline.errors import ArtifactsError
+from pipeline.feature_store import FeatureStore
 from pipeline.stages import STAGES, upstream_closure
 
 log = logging.getLogger("pipeline")
@@ -24,13 +25,16 @@ log = logging.getLogger("pipeline")
 
 @dataclass
 class StageContext:
-    """What a stage function gets: the config, its upstream stages' files, its own output files, and the folder
-    where dataset archives are unpacked (ingest's; it outlives any one run)."""
+    """What a stage function gets: the config, its upstream stages' files, its own output files, the folder
+    where dataset archives are unpacked (ingest's; it outlives any one run), the stage's cache key (its config,
+    code and inputs digests) and the store of features kept between runs (pipeline.feature_store)."""
 
     cfg: object
     inputs: dict
     out: object
     sources_dir: Path | None = None
+    key: dict | None = None
+    store: FeatureStore | None = None
 
 
 @dataclass
@@ -48,11 +52,16 @@ def _module_source_hash(modules):
 
 
 class Runner:
-    """Plans and runs stages against one config and one artifacts folder."""
+    """Plans and runs stages against one config and one artifacts folder.
 
-    def __init__(self, cfg, artifacts="artifacts"):
+    store: the folder of the feature store its stages share with other runs (default: the artifacts folder's);
+    a sweep's combinations share the main artifacts' store.
+    """
+
+    def __init__(self, cfg, artifacts="artifacts", store=None):
         self.cfg = cfg
         self.catalog = Catalog(artifacts)
+        self.store = FeatureStore(store or self.catalog.feature_store)
 
     # -- keys and manifests -------------------------------------------------------------------------
     def key(self, stage):
@@ -128,7 +137,7 @@ class Runner:
         started = datetime.now(timezone.utc)
         t0 = time.monotonic()
         try:
-            summary = module.run(StageContext(self.cfg, inputs, out, self.catalog.sources)) or {}
+            summary = module.run(StageContext(self.cfg, inputs, out, self.catalog.sources, key, self.store)) or {}
             duration = time.monotonic() - t0
             resolved = self.cfg.resolved(stage.sections)
             fileio.write_text(out.resolved_config, yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))

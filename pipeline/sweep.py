@@ -3,7 +3,8 @@
 Each combination runs in its own artifacts folder under `<artifacts>/sweep/runs/`. Before it runs, every stage
 whose cache key equals that of a stage already computed (in the main artifacts or an earlier combination) is
 hard-linked in, so the runner reuses what the combinations share (ingest and augment, or the head when only
-fine-tuning values vary). A sweep stops at train-head or finetune: it never evaluates, so the test split is
+fine-tuning values vary), and every combination shares the main artifacts' feature store, so a head sweep
+computes the backbone's features once. A sweep stops at train-head or finetune: it never evaluates, so the test split is
 never read. The sweep writes `sweep.csv`, `sweep.png` (every run's validation curves, overlaid) and
 `best.yaml` (the whole config with the best values) under `<artifacts>/sweep/`.
 """
@@ -119,7 +120,7 @@ def run(make_config, artifacts, grid, until="finetune", sample=None, seed=0):
         label = ", ".join(f"{k}={v}" for k, v in combo.items())
         log.info("sweep %d/%d: %s", n, len(combos), label)
         trial = folder / "runs" / f"{n:02d}-{_slug(combo)}"
-        runner = Runner(make_config(combo), trial)
+        runner = Runner(make_config(combo), trial, store=Catalog(artifacts).feature_store)
         reused = reuse(runner, stages, donors)
         if reused:
             log.info("sweep %d/%d: reusing %s", n, len(combos), ", ".join(reused))

@@ -14,6 +14,13 @@ from pipeline.progress import Progress
 log = logging.getLogger("pipeline.training")
 
 
+def seed_everything(seed):
+    """Seed Python's, NumPy's and TensorFlow's random generators (weight initialisation, dropout, shuffling)."""
+    import tf_keras as keras
+
+    keras.utils.set_random_seed(seed)
+
+
 def check_batch_size(section_name, batch_size, n_train):
     """A batch larger than the training set is a config error naming the key."""
     from pipeline.errors import ConfigError
@@ -134,7 +141,7 @@ def fit(model, train, validation, section, files, **fit_kwargs):
         labels = x.labels if y is None else np.asarray(y).argmax(axis=1)
         n_classes = x.n_classes if y is None else np.asarray(y).shape[1]
         fit_kwargs["class_weight"] = balance.class_weights(labels, n_classes)
-    keras.utils.set_random_seed(section.seed)
+    seed_everything(section.seed)
     t0 = time.monotonic()
     history = model.fit(x, y, validation_data=validation, epochs=section.epochs, callbacks=callbacks,
                         batch_size=section.batch_size if y is not None else None, verbose=keras_verbose(),

@@ -25,6 +25,7 @@ def test_a_sweep_never_reaches_the_test_split(world, tmp_path, monkeypatch):
 
     artifacts = tmp_path / "artifacts"
     shutil.copytree(world["artifacts"], artifacts)
+    shutil.rmtree(artifacts / "feature-store")  # so the first combination reads the images itself
     test_images = {row["path"] for row in csv.DictReader(open(artifacts / "ingest" / "index.csv"))
                    if row["split"] == "test"}
     read = []
@@ -47,6 +48,7 @@ def test_a_sweep_never_reaches_the_test_split(world, tmp_path, monkeypatch):
     assert best.model.dropout == float(max(rows, key=lambda r: (float(r["val_accuracy"]), -float(r["val_loss"])))
                                        ["model.dropout"])
     assert "reusing ingest" in result.stderr  # what every combination shares is not recomputed
+    assert "reusing the backbone's features" in result.stderr  # computed once, by the first combination
     assert not (artifacts / "sweep" / "runs" / "01-dropout-0.1" / "evaluate").exists()
 
 

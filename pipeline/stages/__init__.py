@@ -39,7 +39,7 @@ STAGES = (
     Stage("ingest", "pipeline.stages.ingest", ("data", "ingest"), (),
           "Scan and check the labelled image folder; write the class list, the image index and counts.",
           external=True),
-    Stage("augment", "pipeline.stages.augment", ("augment", "model"), ("ingest",),
+    Stage("augment", "pipeline.stages.augment", ("augment", "model.backbone", "model.image_size"), ("ingest",),
           "Resolve the ImageDataGenerator settings and draw a preview grid of augmented training images."),
     Stage("train-head", "pipeline.stages.train_head", ("model", "train_head"), ("ingest", "augment"),
           "Train a new classification head on the frozen ImageNet backbone."),
