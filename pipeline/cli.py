@@ -115,7 +115,7 @@ def sweep_command(grid, sample, seed, until, apply_best):
 @cli.command(name="predict", cls=_OptionsAfterArguments)
 @click.argument("path", type=click.Path())
 @click.option("--format", "format_name", type=click.Choice(RUNNABLE), default="coreml", show_default=True,
-              help="Which exported file answers (Core ML runs in the NumPy checker on Linux).")
+              help="Which exported file answers (on Linux, Core ML files and ML Programs run in the NumPy checkers).")
 @click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True, help="Labels shown per image.")
 def predict_command(path, format_name, top_k):
     """Print the top labels of an image, or of every image in a folder, from one exported file."""

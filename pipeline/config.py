@@ -294,9 +294,12 @@ def _default_formats():
 class ExportConfig:
     """The exported models and what they say about themselves.
 
-    formats: any of the names in pipeline.exporters.FORMATS; by default all but the 8-bit variants
-        (coreml-int8, tflite-int8), which are exported only when named (see FORMATS).
+    formats: any of the names in pipeline.exporters.FORMATS; by default those whose `default` is set there
+        (not the 8-bit, palettized, fp32 ML Program or full-integer variants, exported only when named).
     check_images: how many test images each export is checked on against Keras; null = all.
+    calibration_images: how many training images (never val or test ones) calibrate the activation ranges of
+        the formats that need it (tflite-int8-full): taken in turn from each class, spread evenly over each
+        class's images in index order, so the choice is the same in every run.
     max_probability_difference: the largest class-probability difference from Keras an fp32 export may show.
     min_top1_agreement: the smallest fraction of checked images whose top-1 class must equal Keras's (fp32).
     reduced_min_top1_agreement, reduced_max_accuracy_drop: the same for fp16/int8 variants (the drop in test
@@ -311,6 +314,7 @@ class ExportConfig:
     description: str = "Classifies a photo of a snack into one of the dataset's classes."
     version: str = "1.0"
     check_images: int | None = None
+    calibration_images: int = 100
     max_probability_difference: float = 1e-4
     min_top1_agreement: float = 1.0
     reduced_min_top1_agreement: float = 0.99
@@ -326,6 +330,8 @@ class ExportConfig:
             _check("export.formats", fmt, fmt in FORMATS, f"a list drawn from {sorted(FORMATS)}")
         _check("export.check_images", self.check_images, self.check_images is None or self.check_images >= 1,
                "a positive integer or null")
+        _check("export.calibration_images", self.calibration_images, 1 <= self.calibration_images <= 10_000,
+               "an integer from 1 to 10000 (how many training images calibrate tflite-int8-full; 100 is plenty)")
         _check("export.max_probability_difference", self.max_probability_difference,
                0 < self.max_probability_difference <= 1, "a number in (0, 1]")
         for key in ("min_top1_agreement", "reduced_min_top1_agreement", "reduced_max_accuracy_drop"):

@@ -9,6 +9,15 @@ module does not implement raises `CannotVerify`, never a guess.
 Tensors carry one extra leading axis: the images of a batch, each evaluated as its own Core ML prediction of
 batch size 1. So Core ML axis `a` is NumPy axis `a + 1`, and a tensor's Core ML rank is its `ndim - 1`. Core ML
 has no rank-0 tensors: a result with every axis removed has shape (1,).
+
+Convolutions (`conv2d`) decide here which products are summed (padding, done before, strides, dilations,
+groups, weight layout) and let TensorFlow's CPU kernels (NHWC, VALID) do the multiply-adds: their summation
+order can depend on the batch size, so results are deterministic for a given batch size, not independent of
+it. Their weights are put in TensorFlow's layout once per `run` (or per `cache`), not per batch, and TensorFlow
+adds the bias. Their NCHW results are read-only views of NHWC memory that TensorFlow owns, which padding keeps;
+element-wise layers write over an input that dies at them when no other blob shares its memory and it is
+writable. The four layers the NeuralNetwork converter writes for relu6 (ReLU, linear -1, threshold -6, linear -1)
+are computed at once, as min(max(x, 0), 6) + 0, which is what they compute, bit for bit (`_relu6_cap`).
 """
 from __future__ import annotations
 
@@ -49,7 +58,7 @@ def image_tensors(spec, pixels):
             raise CannotVerify(f"cannot verify: input '{feature.name}' is {feature.type.WhichOneof('Type')}, "
                                "only image inputs are implemented")
         image = feature.type.imageType
-        x = _channels_first(feature.name, image, pixels)
+        x = channels_first(feature.name, image, pixels)
         step = scalers.get(feature.name)
         if step is not None:
             x = _scaled(feature.name, image.colorSpace, x, step)
@@ -58,7 +67,7 @@ def image_tensors(spec, pixels):
     return tensors
 
 
-def _channels_first(name, image, pixels):
+def channels_first(name, image, pixels):
     """The pixels as (N, C, H, W) in the input's channel order: gray, R G B, or B G R."""
     size = (image.height, image.width)
     if image.colorSpace == GRAYSCALE:
@@ -89,23 +98,41 @@ def _scaled(name, color_space, x, step):
     return x * np.float32(s.channelScale or 1.0) + np.array(biases, dtype=np.float32)[:, None, None]
 
 
-def run(spec, pixels, outputs, batch_size=16):
-    """The named blobs of the network for pixels (see `image_tensors`), computed in batches: {blob name: array}."""
+def run(spec, pixels, outputs, batch_size=4, cache=None):
+    """The named blobs of the network for pixels (see `image_tensors`), computed in batches: {blob name: array}.
+
+    cache: a dict that keeps each convolution's weights in TensorFlow's layout (made once, for every batch);
+        pass the same dict to later calls on the same, unchanged spec to reuse them. Default: a new one.
+    """
     nn = network(spec)
-    last_use = {name: i for i, layer in enumerate(nn.layers) for name in layer.input}
+    layers = list(nn.layers)
+    last_use = {name: i for i, layer in enumerate(layers) for name in layer.input}
+    steps = _steps(layers, outputs)
+    cache = {} if cache is None else cache
     results = {name: [] for name in outputs}
     for start in range(0, len(pixels), batch_size):
         blobs = image_tensors(spec, pixels[start:start + batch_size])
-        for i, layer in enumerate(nn.layers):
+        private = set()  # blobs whose memory no other blob (nor the caller) shares
+        for i, group, cap in steps:
+            layer, last = group[0], group[-1]
             missing = [name for name in layer.input if name not in blobs]
             if missing:
                 raise ExportError(f"layer '{layer.name}' reads {missing}, which no input or earlier layer computes")
-            values = _compute(layer, [blobs[name] for name in layer.input])
-            for name, value in zip(layer.output, values):
+            inputs = [blobs[name] for name in layer.input]
+            dying = [name for name in layer.input if name in private and last_use[name] == i and name not in outputs
+                     and list(layer.input).count(name) == 1]
+            spare = [blobs[name] for name in dying]
+            if cap is None:
+                values = _compute(layer, inputs, spare, cache.setdefault(i, {}))
+            else:
+                values = [_relu6(group, inputs[0], cap, spare)]
+            for name, value in zip(last.output, values):
                 blobs[name] = value.astype(np.float32, copy=False)
+                _track(private, name, blobs[name], dict(zip(layer.input, inputs)), dying)
             for name in set(layer.input) - set(outputs):
                 if last_use[name] == i:
                     del blobs[name]  # keeps memory to a few activations, not the whole network's
+                    private.discard(name)
         for name in outputs:
             if name not in blobs:
                 raise ExportError(f"the network computes no blob named '{name}'")
@@ -113,12 +140,92 @@ def run(spec, pixels, outputs, batch_size=16):
     return {name: np.concatenate(parts) for name, parts in results.items()}
 
 
-def _compute(layer, inputs):
-    """One layer's output arrays, once its type, the fields it sets and its inputs are known to be implemented."""
+def _steps(layers, outputs):
+    """The layers in order as (index of the first, [layers], cap): one layer (cap None) at a time, except the
+    NeuralNetwork converter's four-layer relu6 chains (see `_relu6_cap`), one step each."""
+    reads = {}
+    for layer in layers:
+        for name in layer.input:
+            reads[name] = reads.get(name, 0) + 1
+    steps, i = [], 0
+    while i < len(layers):
+        cap = _relu6_cap(layers[i:i + 4], reads, outputs)
+        count = 1 if cap is None else 4
+        steps.append((i, layers[i:i + count], cap))
+        i += count
+    return steps
+
+
+def _relu6_cap(group, reads, outputs):
+    """t if the layers are ReLU, linear(-1), threshold(-t), linear(-1): min(max(x, 0), t) in four layers; else None.
+
+    That is how coremltools' NeuralNetwork converter writes relu6 (t = 6). It matches only when each layer reads
+    the one blob the one before writes, which no other layer reads and no caller asks for, and when nothing else
+    is set: ReLU; activation linear alpha -1, beta 0; unary THRESHOLD alpha -t < 0, scale 1 (or unset), shift 0;
+    activation linear alpha -1, beta 0.
+    """
+    kinds = [layer.WhichOneof("layer") for layer in group]
+    if kinds != ["activation", "activation", "unary", "activation"]:
+        return None
+    if any(len(layer.input) != 1 or len(layer.output) != 1 for layer in group):
+        return None
+    for before, after in zip(group, group[1:]):
+        blob = before.output[0]
+        if after.input[0] != blob or reads.get(blob) != 1 or blob in outputs:
+            return None
+    relu, negate, threshold, negate_again = (getattr(layer, kind) for layer, kind in zip(group, kinds))
+    if [f.name for f, _ in relu.ListFields()] != ["ReLU"] or relu.ReLU.ListFields():
+        return None
+    for linear in (negate, negate_again):
+        if linear.WhichOneof("NonlinearityType") != "linear" or _unimplemented(linear, {"linear.alpha"}) \
+                or linear.linear.alpha != -1 or linear.linear.beta != 0:
+            return None
+    if threshold.type != 7 or _unimplemented(threshold, {"type", "alpha", "epsilon", "scale", "shift"}) \
+            or threshold.scale not in (0, 1) or threshold.shift != 0 or not threshold.alpha < 0:
+        return None
+    return np.float32(-threshold.alpha)
+
+
+def _relu6(group, x, cap, spare=()):
+    """The four layers of a relu6 chain (see `_relu6_cap`) at once: min(max(x, 0), cap) + 0.
+
+    Exactly what the four compute, value for value: negating is exact, max(-a, -t) is -min(a, t), and their
+    additions of 0 (the linear layers' beta, the threshold's shift) only turn -0 into +0, as the + 0 here does.
+    The ranks the four layers declare are checked, as layer by layer.
+    """
+    for layer in group:
+        _check_declared_ranks(layer.name, "input", layer.inputTensor, [x])
+        _check_declared_ranks(layer.name, "output", layer.outputTensor, [x])
+    y = np.clip(x, np.float32(0), cap, out=_spare(spare, x.shape))
+    return np.add(y, np.float32(0), out=y)
+
+
+def _track(private, name, value, inputs, dying):
+    """Keep `private` the set of blobs whose arrays nothing else shares, now that blob `name` holds `value`.
+
+    A layer's output can share memory only with its inputs: a view (reshape, squeeze) makes both shared, so
+    neither may be overwritten; an output written over an input that dies at this layer is private, as a new
+    array is, unless it is read-only (a convolution's output is TensorFlow's memory).
+    """
+    shared = [n for n, x in inputs.items() if np.may_share_memory(value, x)]
+    if all(n in dying for n in shared) and value.flags.writeable:  # not a convolution's (TensorFlow's memory)
+        private.add(name)
+    else:
+        private.discard(name)
+        private.difference_update(shared)
+
+
+def _compute(layer, inputs, spare=(), cache=None):
+    """One layer's output arrays, once its type, the fields it sets and its inputs are known to be implemented.
+
+    spare: inputs that die at this layer, whose memory nothing else shares: a layer that computes element by
+    element may write its output over one of them instead of allocating it.
+    cache: this layer's own dict, kept from batch to batch (a convolution keeps its TensorFlow weights in it).
+    """
     kind = layer.WhichOneof("layer")
     if kind not in _LAYERS:
         raise CannotVerify(f"cannot verify: layer '{layer.name}' of type {kind} is not implemented")
-    compute, fields, (fewest, most) = _LAYERS[kind]
+    compute, fields, (fewest, most), in_place, cached = _LAYERS[kind]
     params = getattr(layer, kind)
     unknown = _unimplemented(params, fields)
     if unknown:
@@ -129,7 +236,10 @@ def _compute(layer, inputs):
                            f"{_between(fewest, most)}")
     _check_declared_ranks(layer.name, "input", layer.inputTensor, inputs)
     try:
-        values = compute(params, inputs, layer.name)
+        options = {"spare": spare} if in_place else {}
+        if cached:
+            options["cache"] = cache
+        values = compute(params, inputs, layer.name, **options)
     except (ValueError, IndexError) as error:  # shapes NumPy cannot combine: the spec and our shape rules disagree
         raise CannotVerify(f"cannot verify: layer '{layer.name}' ({kind}): {error}") from error
     values = values if isinstance(values, list) else [values]
@@ -171,12 +281,15 @@ def class_labels(spec):
     return list(getattr(nn, kind).vector)
 
 
-def class_probabilities(spec, pixels, batch_size=16):
-    """A classifier's (labels, probabilities (N, classes)) for pixels (see `image_tensors`), labels in spec order."""
+def class_probabilities(spec, pixels, batch_size=4, cache=None):
+    """A classifier's (labels, probabilities (N, classes)) for pixels (see `image_tensors`), labels in spec order.
+
+    cache: as `run`'s, for repeated calls on one unchanged spec.
+    """
     nn = network(spec)
     labels = class_labels(spec)
     blob = nn.labelProbabilityLayerName or nn.layers[-1].output[0]
-    probabilities = run(spec, pixels, [blob], batch_size)[blob]
+    probabilities = run(spec, pixels, [blob], batch_size, cache)[blob]
     return labels, probabilities.reshape(len(probabilities), -1)
 
 
@@ -290,10 +403,10 @@ def _window_padding(params, oneof, in_hw, kernel, stride, layer):
 
 
 def _check_window(hw, pads, span, layer):
-    padded = [n + before + after for n, (before, after) in zip(hw, pads)]
-    if any(n < s for n, s in zip(padded, span)):
+    padded_hw = [n + before + after for n, (before, after) in zip(hw, pads)]
+    if any(n < s for n, s in zip(padded_hw, span)):
         raise CannotVerify(f"cannot verify: layer '{layer}' has a {span[0]}x{span[1]} window over a padded "
-                           f"{padded[0]}x{padded[1]} input")
+                           f"{padded_hw[0]}x{padded_hw[1]} input")
 
 
 def _windows(x, kernel, stride, dilation=(1, 1)):
@@ -303,7 +416,7 @@ def _windows(x, kernel, stride, dilation=(1, 1)):
     return view[..., ::stride[0], ::stride[1], ::dilation[0], ::dilation[1]]
 
 
-def _convolution(p, inputs, layer):
+def _convolution(p, inputs, layer, cache=None):
     x = _need_rank(inputs[0], layer, 4)
     kernel, stride = _pair(p.kernelSize, (3, 3), "kernelSize", layer), _pair(p.stride, (1, 1), "stride", layer)
     dilation, groups = _pair(p.dilationFactor, (1, 1), "dilationFactor", layer), int(p.nGroups or 1)
@@ -311,32 +424,105 @@ def _convolution(p, inputs, layer):
     if c != p.kernelChannels * groups or p.outputChannels % groups or not p.outputChannels:
         raise CannotVerify(f"cannot verify: layer '{layer}' gets {c} input channels, its {p.outputChannels} kernels "
                            f"take kernelChannels {p.kernelChannels} x nGroups {groups}")
-    w = weights(p.weights, (p.outputChannels, p.kernelChannels, *kernel), layer)
     x = x.reshape(-1, c, h, wid)
     span = tuple((k - 1) * d + 1 for k, d in zip(kernel, dilation))
     (top, bottom), (left, right) = _window_padding(p, "ConvolutionPaddingType", (h, wid), span, stride, layer)
     _check_window((h, wid), ((top, bottom), (left, right)), span, layer)
     if top or bottom or left or right:
-        x = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
-    if groups == c and p.outputChannels == c:  # depthwise: 9 shifted products
-        out_hw = [(n - s_) // st + 1 for n, s_, st in zip(x.shape[2:], span, stride)]
-        y = np.zeros((len(x), c, *out_hw), dtype=np.float32)
-        for i in range(kernel[0]):
-            for j in range(kernel[1]):
-                top_, left_ = i * dilation[0], j * dilation[1]
-                y += w[None, :, 0, i, j, None, None] * x[:, :, top_:top_ + (out_hw[0] - 1) * stride[0] + 1:stride[0],
-                                                         left_:left_ + (out_hw[1] - 1) * stride[1] + 1:stride[1]]
-    elif kernel == (1, 1) and groups == 1:
-        xs = x[:, :, ::stride[0], ::stride[1]]
-        y = np.matmul(w[:, :, 0, 0], xs.reshape(len(xs), c, -1)).reshape(len(xs), -1, *xs.shape[2:])
-    else:
-        per_in, per_out = c // groups, int(p.outputChannels) // groups
-        y = np.concatenate([
-            np.einsum("mchwij,ocij->mohw", _windows(x[:, g * per_in:(g + 1) * per_in], kernel, stride, dilation),
-                      w[g * per_out:(g + 1) * per_out], optimize=True) for g in range(groups)], axis=1)
-    if p.hasBias:
-        y = y + weights(p.bias, (p.outputChannels,), layer)[:, None, None]
+        x = padded(x, ((top, bottom), (left, right)))
+    kernels = cache.get("kernels") if cache is not None else None
+    if kernels is None:  # once per run (or per cache): not for every batch
+        kernels = conv_kernels(weights(p.weights, (p.outputChannels, p.kernelChannels, *kernel), layer), groups,
+                                weights(p.bias, (p.outputChannels,), layer) if p.hasBias else None)
+        if cache is not None:
+            cache["kernels"] = kernels
+    y = conv2d(x, kernels, stride, dilation)
     return y.reshape(*lead, *y.shape[1:])
+
+
+def padded(x, pads, value=0.0):
+    """x with [(before, after)] of `value` around its last len(pads) axes, kept in x's memory layout.
+
+    np.pad returns C order; an NCHW view of NHWC memory (what `conv2d` returns) stays one here, so the next
+    convolution hands TensorFlow its NHWC memory without a transposing copy.
+    """
+    pads = [(0, 0)] * (x.ndim - len(pads)) + [tuple(int(v) for v in pair) for pair in pads]
+    out = np.empty_like(x, shape=[n + before + after for n, (before, after) in zip(x.shape, pads)])  # order 'K'
+    inner = tuple(slice(before, before + n) for n, (before, _) in zip(x.shape, pads))
+    out[inner] = x
+    for axis, (before, after) in enumerate(pads):  # the borders only: the inside is x
+        lead = (slice(None),) * axis
+        out[lead + (slice(0, before),)] = value
+        out[lead + (slice(out.shape[axis] - after, None),)] = value
+    return out
+
+
+class _Kernels(NamedTuple):
+    """A convolution's weights as TensorFlow tensors, made once (`conv_kernels`) for every batch."""
+
+    depthwise: bool  # groups == C > 1: one [kH, kW, C, multiplier] filter
+    filters: list  # otherwise one [kH, kW, C / groups, C_out / groups] filter per group
+    bias: object  # a (C_out,) tensor, or None
+    channels: int  # C, the input channels
+    groups: int
+
+
+def conv_kernels(w, groups, bias=None):
+    """w (C_out, C / groups, kH, kW) and an optional bias (C_out,) in TensorFlow's layouts, as `conv2d` takes them.
+
+    Which products are summed is decided here: output channel o of group o // (C_out / groups) reads that group's
+    input channels; a depthwise one (groups == C) reads channel o // (C_out / C).
+    """
+    import tensorflow as tf
+
+    c_out, per_in = w.shape[0], w.shape[1]
+    c = per_in * groups
+    w = np.asarray(w, dtype=np.float32)
+    if groups == c and groups > 1:
+        filters = [tf.constant(w.reshape(c, c_out // c, *w.shape[2:]).transpose(2, 3, 0, 1))]  # [kH, kW, C, mult]
+    else:
+        per_out = c_out // groups
+        filters = [tf.constant(w[g * per_out:(g + 1) * per_out].transpose(2, 3, 1, 0)) for g in range(groups)]
+    b = None if bias is None else tf.constant(np.asarray(bias, dtype=np.float32))
+    return _Kernels(groups == c and groups > 1, filters, b, c, groups)
+
+
+def conv2d(x, kernels, strides, dilations, fp16=False):
+    """The convolution of already padded x (B, C, H, W) by `conv_kernels`: (B, C_out, H_out, W_out), plus its bias.
+
+    The kernels decide which products are summed, and strides and dilations here; padding is the caller's, done
+    before. TensorFlow's CPU kernels (NHWC, VALID: they add no padding) do the multiply-adds, summing in their own
+    order, which can depend on the batch size, then add the bias (one float32 addition per value, as NumPy's).
+    fp16: the result is rounded to float16 (a float32 to float16 to float32 cast, which rounds to nearest even
+    exactly as NumPy's float16 cast does). The result is an NCHW view of NHWC memory that TensorFlow owns: a
+    read-only array, which element-wise layers do not write over.
+    """
+    import tensorflow as tf
+
+    if x.shape[1] != kernels.channels:
+        raise ValueError(f"{x.shape[1]} input channels for a convolution of {kernels.channels}")
+    step = tuple(strides) if max(dilations) == 1 else (1, 1)  # TF refuses strides with dilations: subsample below
+    nhwc = _nhwc(x)
+    if kernels.depthwise:
+        y = tf.nn.depthwise_conv2d(nhwc, kernels.filters[0], [1, *step, 1], "VALID", dilations=list(dilations))
+    else:
+        per_in = kernels.channels // kernels.groups
+        parts = [tf.nn.conv2d(nhwc if kernels.groups == 1 else nhwc[..., g * per_in:(g + 1) * per_in], f,
+                              list(step), "VALID", dilations=list(dilations))
+                 for g, f in enumerate(kernels.filters)]
+        y = parts[0] if len(parts) == 1 else tf.concat(parts, axis=-1)
+    if step != tuple(strides):  # stride-1 output i is the window starting at row/column i
+        y = y[:, ::strides[0], ::strides[1]]
+    if kernels.bias is not None:
+        y = tf.nn.bias_add(y, kernels.bias)
+    if fp16:
+        y = tf.cast(tf.cast(y, tf.float16), tf.float32)
+    return np.asarray(y).transpose(0, 3, 1, 2)
+
+
+def _nhwc(x):
+    """x (B, C, H, W) as a C-contiguous (B, H, W, C) array: a view when x's memory is laid out NHWC already."""
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
 
 
 def _pooling(p, inputs, layer):
@@ -369,21 +555,27 @@ def _padding(p, inputs, layer):
         raise CannotVerify(f"cannot verify: layer '{layer}' reflects {amounts} rows/columns of a {x.shape[-2:]} input")
     pads = ((0, 0),) * (x.ndim - 2) + tuple(amounts)
     if kind == "constant":
-        return np.pad(x, pads, constant_values=p.constant.value)
+        return padded(x, amounts, np.float32(p.constant.value))
     return np.pad(x, pads, mode={"reflection": "reflect", "replication": "edge"}[kind])
 
 
-def _activation(p, inputs, layer):
+def _spare(spare, shape):
+    """An array of `spare` (see _compute) of this shape, for a ufunc's out=; None (a new array) if there is none."""
+    return next((x for x in spare if x.shape == tuple(shape) and x.dtype == np.float32), None)
+
+
+def _activation(p, inputs, layer, spare=()):
     x, kind = inputs[0], p.WhichOneof("NonlinearityType")
     if kind is None:
         raise CannotVerify(f"cannot verify: layer '{layer}' sets no activation function")
     a = getattr(p, kind)
     if kind == "ReLU":
-        return np.maximum(x, 0)
+        return np.maximum(x, 0, out=_spare(spare, x.shape))
     if kind == "leakyReLU":
         return np.where(x >= 0, x, a.alpha * x)
-    if kind == "linear":
-        return a.alpha * x + a.beta
+    if kind == "linear":  # alpha * x + beta
+        y = np.multiply(x, a.alpha, out=_spare(spare, x.shape))
+        return np.add(y, a.beta, out=y)
     if kind == "sigmoid":
         return 1 / (1 + np.exp(-x))
     if kind == "tanh":
@@ -407,19 +599,24 @@ def _activation(p, inputs, layer):
     raise CannotVerify(f"cannot verify: layer '{layer}' has activation {kind}")
 
 
-def _unary(p, inputs, layer):
-    x = (p.scale or 1.0) * inputs[0] + p.shift
+def _unary(p, inputs, layer, spare=()):
+    out = _spare(spare, inputs[0].shape)
+    scale = p.scale or 1.0
+    x = np.multiply(inputs[0], scale, out=out) if scale != 1 else inputs[0]  # x * 1 is x
+    x = np.add(x, p.shift, out=out)  # scale * x + shift
     eps = p.epsilon or 1e-6
     functions = {0: np.sqrt, 1: lambda v: 1 / np.sqrt(v + eps), 2: lambda v: 1 / (v + eps),
                  3: lambda v: np.power(v, p.alpha), 4: np.exp, 5: np.log, 6: np.abs,
                  7: lambda v: np.maximum(v, p.alpha)}
     if p.type not in functions:
         raise CannotVerify(f"cannot verify: layer '{layer}' has unary function {p.type}")
+    if p.type == 7:  # threshold, in place: x is this layer's own array
+        return np.maximum(x, p.alpha, out=x)
     return functions[p.type](x)
 
 
-def _clip(p, inputs, layer):
-    return np.clip(inputs[0], p.minVal, p.maxVal)
+def _clip(p, inputs, layer, spare=()):
+    return np.clip(inputs[0], p.minVal, p.maxVal, out=_spare(spare, inputs[0].shape))
 
 
 def _batchnorm(p, inputs, layer):
@@ -554,12 +751,16 @@ def _expand_dims(p, inputs, layer):
 
 
 def _elementwise(function):
-    def compute(p, inputs, layer):
+    def compute(p, inputs, layer, spare=()):
         if len(inputs) == 1:
-            return function(inputs[0], np.float32(p.alpha))
+            return function(inputs[0], np.float32(p.alpha), out=_spare(spare, inputs[0].shape))
         result, *others = _same_ranks(inputs, layer)
-        for other in others:
-            result = function(result, other)
+        writable = list(spare)
+        for other in others:  # each step may write over its own operands only: a spare input or an earlier step's
+            out = _spare([x for x in (result, other) if any(x is w for w in writable)],
+                         np.broadcast_shapes(result.shape, other.shape))
+            result = function(result, other, out=out)
+            writable.append(result)
         return result
     return compute
 
@@ -616,10 +817,12 @@ class _Kind(NamedTuple):
     compute: Callable
     fields: frozenset  # the params fields `compute` implements; anything else set raises CannotVerify
     inputs: tuple  # (fewest, most) inputs; None: no upper limit
+    in_place: bool = False  # compute takes spare= (see _compute)
+    cached: bool = False  # compute takes cache=, the layer's dict kept from batch to batch (see _compute)
 
 
-def _kind(compute, fields="", inputs=(1, 1)):
-    return _Kind(compute, frozenset(fields.split()), inputs)
+def _kind(compute, fields="", inputs=(1, 1), in_place=False, cached=False):
+    return _Kind(compute, frozenset(fields.split()), inputs, in_place, cached)
 
 
 _WINDOW = "kernelSize stride valid.paddingAmounts same.asymmetryMode"
@@ -632,12 +835,12 @@ _ACTIVATIONS = ("linear.alpha linear.beta ReLU leakyReLU.alpha thresholdedReLU.a
 # a second input; pooling includeLastPixel; batchnorm computeMeanVar, instanceNormalization; int8DynamicQuantize.
 _LAYERS = {
     "convolution": _kind(_convolution, f"outputChannels kernelChannels nGroups dilationFactor hasBias weights "
-                                       f"bias {_WINDOW}"),
+                                       f"bias {_WINDOW}", cached=True),
     "pooling": _kind(_pooling, f"type avgPoolExcludePadding globalPooling {_WINDOW}"),
     "padding": _kind(_padding, "constant.value reflection replication paddingAmounts"),
-    "activation": _kind(_activation, _ACTIVATIONS),
-    "unary": _kind(_unary, "type alpha epsilon shift scale"),
-    "clip": _kind(_clip, "minVal maxVal"),
+    "activation": _kind(_activation, _ACTIVATIONS, in_place=True),
+    "unary": _kind(_unary, "type alpha epsilon shift scale", in_place=True),
+    "clip": _kind(_clip, "minVal maxVal", in_place=True),
     "batchnorm": _kind(_batchnorm, "channels epsilon gamma beta mean variance"),
     "innerProduct": _kind(_inner_product, "inputChannels outputChannels hasBias weights bias"),
     "batchedMatmul": _kind(_batched_matmul, "transposeA transposeB weightMatrixFirstDimension "
@@ -654,8 +857,8 @@ _LAYERS = {
     "reshapeStatic": _kind(_reshape_static, "targetShape"),
     "squeeze": _kind(_squeeze, "axes squeezeAll"),
     "expandDims": _kind(_expand_dims, "axes"),
-    "add": _kind(_elementwise(np.add), "alpha", (1, None)),
-    "multiply": _kind(_elementwise(np.multiply), "alpha", (1, None)),
+    "add": _kind(_elementwise(np.add), "alpha", (1, None), in_place=True),
+    "multiply": _kind(_elementwise(np.multiply), "alpha", (1, None), in_place=True),
     "addBroadcastable": _kind(_broadcastable(np.add), inputs=(2, 2)),
     "subtractBroadcastable": _kind(_broadcastable(np.subtract), inputs=(2, 2)),
     "multiplyBroadcastable": _kind(_broadcastable(np.multiply), inputs=(2, 2)),

@@ -2,6 +2,8 @@
 
 For each file: test accuracy, top-1 agreement with Keras, the largest class-probability difference, file size,
 mean batch-1 CPU latency where its real runtime exists here, and a verdict against the export thresholds.
+Each row also says how long it took: `seconds` checking it (spec check, loading, computing the check images;
+for Keras, computing the reference probabilities) and `latency_seconds` measuring its latency.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.coreml_numpy import CannotVerify
 from pipeline.exporters import FORMATS, Predictor, compare, coreml_runtime, in_label_order
 
 KERAS = "keras"
@@ -45,34 +48,47 @@ def measure(files, model, model_path, meta, pixels, truth, settings, log=None):
     """One row per exported file (plus Keras's own), each judged against the thresholds in `settings`.
 
     files: {format name: path}; truth: the true class index of each image; settings: the export config.
+    A file the checker cannot compute (CannotVerify) gets a failed row saying why, not an exception.
     """
     keras = keras_predictor(model, meta)
+    t0 = time.monotonic()
     expected = keras.predict(pixels)
+    keras_seconds = time.monotonic() - t0
     keras_accuracy = float((expected.argmax(1) == truth).mean())
-    rows = [{"format": KERAS, "title": "Keras (reference)", "file": Path(model_path).name,
-             "precision": "fp32", "megabytes": megabytes(model_path), "checked_by": "tf-keras",
-             "images": len(pixels), "accuracy": keras_accuracy, "accuracy_drop": 0.0, "top1_agreement": 1.0,
-             "max_probability_difference": 0.0, "latency_ms": latency_ms(keras, pixels, settings.latency_images),
-             "problems": [], "passed": True, "verdict": "reference"}]
+    keras_row = {"format": KERAS, "title": "Keras (reference)", "file": Path(model_path).name,
+                 "precision": "fp32", "megabytes": megabytes(model_path), "checked_by": "tf-keras",
+                 "images": len(pixels), "accuracy": keras_accuracy, "accuracy_drop": 0.0, "top1_agreement": 1.0,
+                 "max_probability_difference": 0.0, "problems": [], "passed": True, "verdict": "reference",
+                 "seconds": round(keras_seconds, 2)}
+    keras_row.update(_latency(keras, pixels, settings.latency_images))
+    rows = [keras_row]
     native = coreml_runtime.available()
     for name, path in files.items():
         fmt = FORMATS[name]
         module = fmt.exporter()
+        t0 = time.monotonic()
         base = {"format": name, "title": fmt.title, "file": Path(path).name, "precision": fmt.precision,
                 "megabytes": megabytes(path), "problems": module.problems(path, meta), "latency_ms": None}
-        runs = [(fmt.runtime or "spec only (no runtime on Linux)", module.load(path, meta.labels), fmt.timed)]
+        spec_seconds = time.monotonic() - t0
+        runs = [(fmt.runtime or "spec only (no runtime on Linux)", lambda: module.load(path, meta.labels), fmt.timed)]
         if fmt.native and native:
-            runs.append((coreml_runtime.TITLE, coreml_runtime.load(path, meta.labels), True))
-        for n, (checked_by, predictor, timed) in enumerate(runs):
+            runs.append((coreml_runtime.TITLE, lambda: coreml_runtime.load(path, meta.labels), True))
+        for n, (checked_by, load, timed) in enumerate(runs):
+            t0 = time.monotonic()
             row = {**base, "checked_by": checked_by}
             if n:
                 row.update(format=f"{name}@coreml", title=f"{fmt.title}, on Core ML")
             elif fmt.native and not native:
                 row["native_absent"] = coreml_runtime.ABSENT
-            if predictor is not None:
-                row.update(_measured(predictor, pixels, truth, expected, keras_accuracy, meta.labels))
-                if timed:
-                    row["latency_ms"] = latency_ms(predictor, pixels, settings.latency_images)
+            try:
+                predictor = load()
+                if predictor is not None:
+                    row.update(_measured(predictor, pixels, truth, expected, keras_accuracy, meta.labels))
+            except CannotVerify as exc:
+                predictor, row["unverifiable"] = None, str(exc)
+            row["seconds"] = round(time.monotonic() - t0 + (0 if n else spec_seconds), 2)
+            if predictor is not None and timed:
+                row.update(_latency(predictor, pixels, settings.latency_images))
             row["passed"], row["verdict"] = judge(row, fmt, settings)
             rows.append(row)
             if log:
@@ -80,18 +96,26 @@ def measure(files, model, model_path, meta, pixels, truth, settings, log=None):
     return rows
 
 
+def _latency(predictor, pixels, images):
+    """{latency_ms, latency_seconds}: the mean batch-1 latency and how long measuring it took."""
+    t0 = time.monotonic()
+    latency = latency_ms(predictor, pixels, images)
+    return {"latency_ms": latency, "latency_seconds": round(time.monotonic() - t0, 2)}
+
+
 def _measured(predictor, pixels, truth, expected, keras_accuracy, labels):
     """Accuracy, agreement and largest difference from Keras of one predictor on the check images."""
-    t0 = time.monotonic()
     probabilities = in_label_order(predictor.predict(pixels), predictor.labels, labels)
     accuracy = float((probabilities.argmax(1) == truth).mean())
-    return {**compare(probabilities, expected), "accuracy": accuracy, "accuracy_drop": keras_accuracy - accuracy,
-            "seconds": round(time.monotonic() - t0, 1)}
+    return {**compare(probabilities, expected), "accuracy": accuracy, "accuracy_drop": keras_accuracy - accuracy}
 
 
 def judge(row, fmt, settings):
-    """(passed, verdict) of one row: fp32 files against the strict thresholds, reduced ones the looser ones."""
-    reasons = list(row["problems"])
+    """(passed, verdict) of one row: fp32 files against the strict thresholds, reduced ones the looser ones.
+
+    A row whose file the checker cannot compute (`unverifiable`) fails, with the checker's reason.
+    """
+    reasons = list(row["problems"]) + ([row["unverifiable"]] if "unverifiable" in row else [])
     if "top1_agreement" in row:
         if fmt.reduced:
             if row["top1_agreement"] < settings.reduced_min_top1_agreement:
@@ -112,12 +136,47 @@ def judge(row, fmt, settings):
 
 
 def blocking_failures(rows):
-    """The failed rows that must stop the export: any fp32 file, and any file whose interface is wrong."""
-    return [r for r in rows if not r["passed"] and (r["precision"] == "fp32" or r["problems"])]
+    """The failed rows that must stop the export: any fp32 file measured against Keras, and any file whose
+    interface is wrong. A file the checker cannot compute is reported failed but does not stop the others: it
+    was not shown to disagree."""
+    return [r for r in rows if not r["passed"] and (r["problems"] or (r["precision"] == "fp32"
+                                                                      and "unverifiable" not in r))]
+
+
+def smallest_coreml(rows):
+    """The row of the smallest Core ML file (.mlmodel or .mlpackage) that was measured and passed, or None.
+
+    A file counts as passed only if every row computing it (the NumPy checker, and Core ML itself on a Mac)
+    passed and at least one of them measured it against Keras.
+    """
+    by_file = {}
+    for row in rows:
+        fmt = FORMATS.get(row["format"].split("@")[0])
+        if fmt is not None and fmt.native:
+            by_file.setdefault(row["file"], []).append(row)
+    passing = [group[0] for group in by_file.values()
+               if all(r["passed"] for r in group) and any("top1_agreement" in r for r in group)]
+    return min(passing, key=lambda r: (r["megabytes"], r["file"]), default=None)
+
+
+def smallest_line(rows):
+    """The sentence under the parity table naming the smallest passing Core ML file, as the one to ship when
+    size matters, with how many times smaller it is than the fp32 Core ML file; or saying that none passed."""
+    best = smallest_coreml(rows)
+    if best is None:
+        return "No Core ML file passed its parity check, so none is named as the one to ship when size matters."
+    line = (f"Smallest Core ML file that passed: `{best['file']}` ({best['title']}, {best['megabytes']:.2f} MB), "
+            "the one to ship when size matters")
+    reference = next((r for r in rows if FORMATS.get(r["format"]) is not None and FORMATS[r["format"]].native
+                      and r["precision"] == "fp32"), None)
+    if reference is not None and reference["file"] != best["file"] and best["megabytes"] > 0:
+        line += (f"; {reference['megabytes'] / best['megabytes']:.1f} times smaller than the fp32 Core ML file "
+                 f"`{reference['file']}` ({reference['megabytes']:.2f} MB)")
+    return line + "."
 
 
 def table(rows):
-    """The rows as a Markdown table."""
+    """The rows as a Markdown table, then the smallest passing Core ML file (smallest_line) and any notes."""
     head = ("format", "file", "MB", "test accuracy", "vs Keras (points)", "top-1 agreement",
             "max prob. diff", "latency ms (batch 1)", "computed by", "result")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -132,4 +191,4 @@ def table(rows):
                  r["checked_by"], r["verdict"])
         lines.append("| " + " | ".join(cells) + " |")
     notes = sorted({r["native_absent"] for r in rows if "native_absent" in r})
-    return "\n".join(lines + [""] * bool(notes) + notes) + "\n"
+    return "\n".join(lines + ["", smallest_line(rows)] + [""] * bool(notes) + notes) + "\n"

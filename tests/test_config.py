@@ -66,6 +66,8 @@ def test_data_override(tmp_path):
     ({"finetune": {"augmented_views": 99}}, ["finetune.augmented_views", "99", "[0, 50]"]),
     ({"export": {"reduced_min_top1_agreement": 99}}, ["export.reduced_min_top1_agreement", "99", "[0, 1]"]),
     ({"export": {"latency_images": 0}}, ["export.latency_images", "0", "positive"]),
+    ({"export": {"calibration_images": 0}}, ["export.calibration_images", "0", "from 1 to 10000"]),
+    ({"export": {"calibration_images": 2.5}}, ["export.calibration_images", "2.5", "an integer"]),
     ({"export": {"formats": ["onnx", "onnx"]}}, ["export.formats", "twice"]),
 ])
 def test_validation_errors_name_key_value_and_allowed(raw, words):
@@ -127,11 +129,14 @@ def test_weights_dir_defaults_to_the_environment_variable(monkeypatch):
     assert config.from_dict({}).model.weights_dir is None
 
 
-def test_default_export_list_leaves_out_the_8_bit_variants():
+def test_default_export_list_holds_the_files_that_pass_on_snacks():
     formats = config.from_dict({}).export.formats
-    assert "coreml-int8" not in formats and "tflite-int8" not in formats
-    assert {"coreml", "coreml-fp16", "coreml-mlprogram", "onnx", "onnx-fp16", "tflite", "tflite-fp16"} == set(formats)
-    assert config.from_dict({"export": {"formats": ["tflite-int8"]}}).export.formats == ["tflite-int8"]
+    assert {"coreml", "coreml-mlprogram", "coreml-mlprogram-palette8", "onnx", "onnx-fp16", "tflite",
+            "tflite-fp16"} == set(formats)
+    for name in ("coreml-fp16", "coreml-int8", "tflite-int8", "coreml-mlprogram-fp32", "coreml-mlprogram-int8",
+                 "coreml-mlprogram-palette6", "tflite-int8-full"):  # exported when named
+        assert name not in formats and config.from_dict({"export": {"formats": [name]}}).export.formats == [name]
+    assert config.load(config.DEFAULT_CONFIG).export.formats == formats  # the make-all config lists the same
 
 
 @pytest.mark.parametrize("raw, key", [

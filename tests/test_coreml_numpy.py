@@ -536,3 +536,79 @@ def test_the_checker_catches_the_costly_bugs(tmp_path, model, pixels, break_it):
         assert not row["passed"] and "max probability difference" in row["verdict"]
         if break_it is not _bias_zero:  # a colour swap or label shift also changes solid colours' answers
             assert row["top1_agreement"] < 1
+
+
+def test_a_blob_shared_by_a_view_is_not_overwritten_by_in_place_layers():
+    # 'scaled' dies at the ReLU, but the reshape 'view' shares its memory and is read after it
+    spec = image_spec(4, 3)
+    add_layer(spec, "activation", name="scale", output="scaled").linear.alpha = -2.0
+    add_reshape(spec, [1, 3, 3, 4], "view", inputs=("scaled",))
+    add_layer(spec, "activation", name="relu", inputs=("scaled",), output="relu").ReLU.SetInParent()
+    threshold = add_layer(spec, "unary", name="threshold", inputs=("relu",), output="threshold")
+    threshold.type, threshold.alpha, threshold.shift = 7, 50.0, 1.0  # max(x + 1, 50)
+    add_layer(spec, "add", name="sum", inputs=("threshold", "view", "threshold"))
+    px = RNG.uniform(0, 255, (2, 3, 4, 3)).astype(np.float32)
+    scaled = -2 * px.transpose(0, 3, 1, 2)
+    threshold = np.maximum(np.maximum(scaled, 0) + 1, 50)
+    out = coreml_numpy.run(spec, px, ["out"])["out"][:, 0]
+    np.testing.assert_allclose(out, threshold + scaled + threshold, rtol=1e-6)
+
+
+def relu6_spec(width=5, height=4):
+    """The four layers coremltools' NeuralNetwork converter writes for relu6, on a 1x1 convolution's output."""
+    spec = image_spec(width, height)
+    conv = add_layer(spec, "convolution", "conv", output="c")
+    w = RNG.standard_normal((2, 3, 1, 1)).astype(np.float32)
+    conv.outputChannels, conv.kernelChannels, conv.hasBias = 2, 3, False
+    conv.kernelSize.extend([1, 1])
+    conv.weights.floatValue.extend(w.ravel())
+    add_layer(spec, "activation", "relu", ("c",), "r").ReLU.SetInParent()
+    negate = add_layer(spec, "activation", "negate", ("r",), "n").linear
+    negate.alpha = -1.0
+    threshold = add_layer(spec, "unary", "threshold", ("n",), "t")
+    threshold.type, threshold.alpha, threshold.scale, threshold.epsilon = 7, -6.0, 1.0, 1e-6  # THRESHOLD
+    add_layer(spec, "activation", "negate_again", ("t",), "out").linear.alpha = -1.0
+    return spec, w
+
+
+def test_the_converters_relu6_layers_are_computed_at_once_as_min_max():
+    spec, w = relu6_spec()
+    layers = list(spec.neuralNetwork.layers)
+    assert [len(group) for _, group, _ in coreml_numpy._steps(layers, ["out"])] == [1, 4]
+    assert [len(group) for _, group, _ in coreml_numpy._steps(layers, ["out", "n"])] == [1, 1, 1, 1, 1]
+    px = RNG.uniform(0, 255, (3, 4, 5, 3)).astype(np.float32) / 30
+    px[0, 0, 0] = 0  # a zero sum: +0 after the four layers
+    fused = coreml_numpy.run(spec, px, ["out"])["out"]
+    apart = coreml_numpy.run(spec, px, ["out", "n"])["out"]  # asking for 'n' keeps the four layers apart
+    np.testing.assert_array_equal(fused.view(np.uint32), apart.view(np.uint32))
+    want = np.clip(np.einsum("oc,nhwc->nohw", w[:, :, 0, 0].astype(np.float64), px.astype(np.float64)), 0, 6)
+    np.testing.assert_allclose(fused[:, 0], want, rtol=1e-5, atol=1e-5)
+    assert not np.signbit(fused).any()
+
+
+def test_relu6_at_once_is_the_four_layers_bit_for_bit_on_special_values():
+    spec, _ = relu6_spec()
+    group = list(spec.neuralNetwork.layers)[1:]
+    x = np.array([-np.inf, -7, -6, -1e-40, -0.0, 0.0, 1e-40, 2 ** -149, 1, 5.9999995, 6, 6.0000005, 7, 3.4e38, np.inf,
+                  np.nan, -np.nan], np.float32)
+    x = np.concatenate([x, np.random.default_rng(2).integers(0, 2 ** 32, 100_000, dtype=np.uint64).astype(np.uint32)
+                        .view(np.float32)]).reshape(1, 1, 1, -1)
+    y = x
+    with np.errstate(all="ignore"):
+        for layer in group:
+            y = coreml_numpy._compute(layer, [y])[0]
+        z = coreml_numpy._relu6(group, x.copy(), np.float32(6))
+    np.testing.assert_array_equal(z.view(np.uint32), y.view(np.uint32))
+
+
+def test_cached_convolution_weights_give_the_same_answers_on_later_calls_and_other_batch_splits():
+    spec, w = relu6_spec(6, 5)
+    px = RNG.uniform(0, 255, (5, 5, 6, 3)).astype(np.float32)
+    want = np.einsum("oc,nhwc->nohw", w[:, :, 0, 0].astype(np.float64), px.astype(np.float64))
+    cache = {}
+    first = coreml_numpy.run(spec, px, ["c"], batch_size=4, cache=cache)["c"]
+    kernels = cache[0]["kernels"]
+    again = coreml_numpy.run(spec, px, ["c"], batch_size=2, cache=cache)["c"]
+    assert cache[0]["kernels"] is kernels  # made once, reused by the later call
+    for got in (first, again, coreml_numpy.run(spec, px, ["c"], batch_size=1)["c"]):
+        np.testing.assert_allclose(got[:, 0], want, rtol=1e-5, atol=1e-3)

@@ -7,7 +7,7 @@ from conftest import calibrate_batchnorm, damp_residual_branches
 
 from pipeline.backbones import BACKBONES
 
-from pipeline.exporters import FORMATS, ExportMeta, compare, coreml, mlprogram, tflite
+from pipeline.exporters import FORMATS, PRECISIONS, ExportMeta, compare, coreml, mlprogram, tflite
 from pipeline.exporters import onnx as onnx_export
 
 LABELS = ["circle", "red square", "étoile"]  # blue, red, yellow: sorted as classes.txt sorts them
@@ -55,12 +55,20 @@ def test_the_colour_model_knows_its_colours(model, pixels):
     assert list(probs.argmax(1)) == [0, 1, 2]
 
 
+def calibration_images():
+    """Stand-ins for training images: each prototype colour, lightly textured."""
+    rng = np.random.default_rng(3)
+    return np.clip(PROTOTYPES[np.arange(12) % 3, None, None] + rng.normal(0, 20, (12, SIZE, SIZE, 3)), 0, 255
+                   ).astype(np.float32)
+
+
 @pytest.mark.parametrize("name", [n for n, f in FORMATS.items() if f.runtime])
 def test_every_runnable_export_agrees_with_keras(tmp_path, model, pixels, name):
     fmt = FORMATS[name]
     path = tmp_path / f"m{fmt.suffix}"
     module = fmt.exporter()
-    module.export(model, meta(), path, fmt.precision)
+    module.export(model, meta(), path, fmt.precision, **({"calibration": calibration_images()} if fmt.calibrated
+                                                         else {}))
     assert module.problems(path, meta()) == []
     expected = model.predict(pixels * 2 / 255 - 1, verbose=0)
     predictor = module.load(path, LABELS)
@@ -133,8 +141,11 @@ def test_format_table_names_existing_modules():
         module = fmt.exporter()
         assert callable(module.export) and callable(module.problems) and callable(module.load)
         assert fmt.suffix.startswith((".", "-"))
-        assert fmt.precision in ("fp32", "fp16", "int8")
+        assert fmt.precision in PRECISIONS
+        assert fmt.runtime  # since the ML Program checker, every format is computed on Linux
     assert len({f.suffix for f in FORMATS.values()}) == len(FORMATS)
+    assert [n for n, f in FORMATS.items() if f.calibrated] == ["tflite-int8-full"]
+    assert "coreml-int8" in FORMATS  # the legacy 8-bit .mlmodel stays available by name
 
 
 def test_reduced_coreml_variants_store_smaller_weights(tmp_path, model):
@@ -152,7 +163,8 @@ def test_reduced_coreml_variants_store_smaller_weights(tmp_path, model):
 def test_ml_program_package_spec(tmp_path, model):
     path = tmp_path / "m.mlpackage"
     mlprogram.export(model, meta(), path)
-    assert path.is_dir() and mlprogram.load(path) is None
+    assert path.is_dir()
+    assert mlprogram.load(path).labels == LABELS  # computed by the NumPy ML Program checker
     assert mlprogram.problems(path, meta()) == []
     spec = mlprogram.read_spec(path)  # read back with coremltools
     assert spec.WhichOneof("Type") == "mlProgram"
@@ -214,11 +226,71 @@ def test_every_backbone_exports_and_agrees_with_keras(tmp_path, backbone_classif
     module = fmt.exporter()
     module.export(model, backbone_meta, path, fmt.precision)
     assert module.problems(path, backbone_meta) == []  # the backbone's own scale and per-channel bias included
-    if not fmt.runtime:
-        return  # the ML Program: nothing on Linux computes it yet
+    if fmt.module == mlprogram.__name__:
+        return  # its outputs: tests/test_mlprogram_numpy.py checks every backbone's program against Keras
     pixels = varied_images(24, 32, 2)
     expected = model.predict(pixels * backbone_meta.scale + np.array(backbone_meta.bias, dtype=np.float32), verbose=0)
     assert len(set(expected.argmax(1))) == 3 and expected.max(axis=1).min() < 0.99  # varied, not saturated
     result = compare(module.load(path, LABELS).predict(pixels), expected)
     assert result["top1_agreement"] == 1.0, backbone
     assert result["max_probability_difference"] < 1e-4, backbone
+
+
+def conv_model():
+    """A small convolutional classifier whose second convolution (3x3x16x32 = 4,608 weights) is above
+    coremltools' default 2,048-element threshold for compressing a weight."""
+    import tf_keras as keras
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((SIZE, SIZE, 3), name="image")
+    x = keras.layers.Conv2D(16, 3, padding="same", activation="relu")(inputs)
+    x = keras.layers.Conv2D(32, 3, padding="same", activation="relu")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(len(LABELS), activation="softmax")(x))
+
+
+def program_ops(path):
+    spec = mlprogram.read_spec(path)
+    main = spec.mlProgram.functions["main"]
+    return spec, {op.type for op in main.block_specializations[main.opset].operations}
+
+
+# Core ML spec versions (coremltools.target): 6 = iOS 15 / macOS 12, 7 = iOS 16 / macOS 13.
+@pytest.mark.parametrize("name, compressed_op, spec_version, bits", [
+    ("coreml-mlprogram-fp32", None, 6, 32),
+    ("coreml-mlprogram", None, 6, 16),
+    ("coreml-mlprogram-int8", "constexpr_affine_dequantize", 7, 8),
+    ("coreml-mlprogram-palette8", "constexpr_lut_to_dense", 7, 8),
+    ("coreml-mlprogram-palette6", "constexpr_lut_to_dense", 7, 6),
+])
+def test_ml_programs_store_their_weights_as_named_and_need_the_target_in_their_title(tmp_path, name, compressed_op,
+                                                                                        spec_version, bits):
+    fmt = FORMATS[name]
+    path = tmp_path / f"m{fmt.suffix}"
+    mlprogram.export(conv_model(), meta(), path, fmt.precision)
+    spec, ops = program_ops(path)
+    assert spec.specificationVersion == spec_version
+    assert ("iOS 16+" if spec_version == 7 else "iOS 15+") in fmt.title
+    assert not any(op.startswith("constexpr_") for op in ops) if compressed_op is None else compressed_op in ops
+    assert mlprogram.problems(path, meta()) == []
+    weights = sum(p.stat().st_size for p in path.rglob("weight.bin"))
+    big = 3 * 3 * 16 * 32  # the one weight above the threshold; the rest (about 800 values) stays fp16 or fp32
+    assert weights < big * bits / 8 + 800 * 4 + 4096, weights  # plus the palettes, scales and blob headers
+
+
+def test_full_integer_tflite_computes_in_int8_behind_float_input_and_output(tmp_path):
+    from ai_edge_litert.interpreter import Interpreter
+
+    path = tmp_path / "m-int8-full.tflite"
+    tflite.export(conv_model(), meta(), path, "int8-full", calibration=calibration_images())
+    assert tflite.problems(path, meta()) == []  # float32 pixels in, float32 probabilities out
+    interpreter = Interpreter(model_path=str(path))
+    kernels = [t for t in interpreter.get_tensor_details() if len(t["shape"]) == 4 and t["dtype"] == np.int8]
+    assert kernels  # the convolutions hold int8 weights and activations
+
+
+def test_full_integer_tflite_refuses_to_export_without_calibration_images(tmp_path):
+    from pipeline.errors import ExportError
+
+    with pytest.raises(ExportError, match="calibration images"):
+        tflite.export(conv_model(), meta(), tmp_path / "m.tflite", "int8-full")

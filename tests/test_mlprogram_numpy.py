@@ -602,3 +602,106 @@ def test_every_backbone_program_agrees_with_keras(tmp_path, classifier, precisio
     outputs = mlprogram_numpy.run(path, {"image": pixels[:3]})  # the classify op's two outputs
     assert list(outputs["label"]) == [LABELS[i] for i in probabilities[:3].argmax(1)]
     np.testing.assert_array_equal(outputs["labelProbability"], probabilities[:3])
+
+
+# -- the fast paths: in-place rounding, values written over, ops that need no rounding ----------------------
+
+def test_rounding_to_fp16_is_numpys_float16_cast():
+    bits = np.random.default_rng(3).integers(0, 2 ** 32, size=300_000, dtype=np.uint64).astype(np.uint32)
+    special = np.array([0.0, -0.0, 65504, 65519.99, 65520, -65520, 2 ** -24, 2 ** -25, -2 ** -25, 3 * 2 ** -26,
+                        1e-40, -1e-40, 3.4e38, np.inf, -np.inf], np.float32)
+    x = np.concatenate([bits.view(np.float32), special])
+    with np.errstate(all="ignore"):
+        want = x.astype(np.float16).astype(np.float32)
+        got = mlprogram_numpy._round_to_fp16(x.copy())
+        assert np.array_equal(np.isnan(got), np.isnan(want))
+        assert np.array_equal(got.view(np.uint32)[~np.isnan(want)], want.view(np.uint32)[~np.isnan(want)])
+        nhwc = RNG.normal(size=(2, 5, 6, 3)).astype(np.float32).transpose(0, 3, 1, 2) * 100  # dense, not C order
+        strided = (RNG.normal(size=(4, 6)).astype(np.float32) * 100)[:, ::2]  # not dense: rounded via a copy
+        for y in (nhwc, strided):
+            want = y.astype(np.float16).astype(np.float32)
+            np.testing.assert_array_equal(mlprogram_numpy._round_to_fp16(y), want)
+
+
+def sharing_program():
+    from coremltools.converters.mil import Builder as mb
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(1, 2, 3, 4))])
+    def prog(x):
+        y = mb.mul(x=x, y=3.0)
+        view = mb.reshape(x=y, shape=[1, 2, 12])  # shares y's memory, and outlives it
+        r = mb.relu6(x=y)  # y's last use: written over only if nothing else shares its memory
+        s = mb.add(x=r, y=mb.reshape(x=view, shape=[1, 2, 3, 4]))
+        p = mb.pad(x=mb.transpose(x=s, perm=[0, 2, 3, 1]), pad=np.array([1, 0, 0, 2], np.int32), constant_val=0.5)
+        return mb.maximum(x=mb.clip(x=p, alpha=-1.0, beta=7.5), y=0.25, name="out"), mb.sub(x=view, y=1.0, name="v")
+    return prog
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_values_shared_by_views_are_not_overwritten_and_fp16_ops_round(folder, precision):
+    path = saved(folder, sharing_program, f"sharing-{precision}", precision=precision)
+    x = RNG.normal(size=(3, 1, 2, 3, 4)).astype(np.float32) * 2
+    r16 = fp16 if precision == "fp16" else (lambda v: v)  # NumPy, rounding after every op an fp16 program computes
+    y = r16(r16(x) * 3)
+    s = r16(np.clip(y, 0, 6) + y)
+    p = np.pad(s.transpose(0, 1, 3, 4, 2), ((0, 0),) * 3 + ((1, 0), (0, 2)), constant_values=0.5)
+    got = mlprogram_numpy.run(path, {"x": x})
+    np.testing.assert_array_equal(got["out"], np.maximum(np.clip(p, -1, 7.5), 0.25))
+    np.testing.assert_array_equal(got["v"], r16(y.reshape(3, 1, 2, 12) - 1))
+
+
+def test_cached_conv_weights_give_the_same_answers_on_later_calls_and_other_batch_splits(folder):
+    """The package keeps each conv's TensorFlow weights after its first run; later runs (a predictor's later
+    calls) and other batch sizes reuse them, and every answer is still the direct convolution's."""
+    path = saved(folder, conv_program, "conv-cached", target=__import__("coremltools").target.iOS16)
+    package = mlprogram_numpy.read(path)
+    x = RNG.normal(size=(5, 1, 4, 9, 8)).astype(np.float32)
+    first = mlprogram_numpy.run(package, {"x": x}, ["grouped", "depthwise"], batch_size=4)
+    assert len(package.kernels) == sum(op.op_type == "conv" for op in package.function.operations)
+    cached = dict(package.kernels)
+    again = mlprogram_numpy.run(package, {"x": x}, ["grouped", "depthwise"], batch_size=2)
+    assert all(package.kernels[key][2] is entry[2] for key, entry in cached.items())  # reused, not remade
+    for name in ("grouped", "depthwise"):
+        c_out, groups, kernel, strides, dilations, *_ = CONVS[name]
+        w, b = CONV_WEIGHTS[name]
+        want = reference_conv(x[:, 0], w, b, strides, same_pads((9, 8), kernel, strides, dilations), dilations, groups)
+        for got in (first[name], again[name]):
+            np.testing.assert_allclose(got[:, 0], want, rtol=1e-4, atol=1e-4, err_msg=name)
+    package.constants = None  # constants made anew: the kept weights are not theirs, so they are made again
+    mlprogram_numpy.run(package, {"x": x[:1]}, ["grouped"])
+    assert all(package.kernels[key][2] is not entry[2] for key, entry in cached.items())
+
+
+def test_an_fp16_conv_rounds_after_its_bias_as_numpys_float16_cast(folder):
+    from coremltools.converters.mil import Builder as mb
+
+    w = RNG.normal(size=(3, 2, 3, 3)).astype(np.float32)
+    b = (RNG.normal(size=(3,)) * 100).astype(np.float32)
+
+    def build():
+        @mb.program(input_specs=[mb.TensorSpec(shape=(1, 2, 6, 5))])
+        def prog(x):
+            return mb.conv(x=x, weight=w, bias=b, pad_type="same", name="out")
+        return prog
+
+    path = saved(folder, build, "conv-fp16", precision="fp16")
+    x = RNG.normal(size=(3, 1, 2, 6, 5)).astype(np.float32) * 30
+    got = mlprogram_numpy.run(path, {"x": x}, ["out"], batch_size=2)["out"]
+    want = reference_conv(fp16(x[:, 0]), fp16(w), fp16(b), (1, 1), same_pads((6, 5), (3, 3), (1, 1), (1, 1)), (1, 1), 1)
+    np.testing.assert_array_equal(got[:, 0], fp16(got[:, 0]))  # float16 values
+    np.testing.assert_allclose(got[:, 0], want, rtol=2e-3, atol=0.05)  # within float16's rounding of the sums
+
+
+def test_tensorflows_float16_cast_rounds_as_numpys():
+    import tensorflow as tf
+
+    bits = np.random.default_rng(5).integers(0, 2 ** 32, size=300_000, dtype=np.uint64).astype(np.uint32)
+    special = np.array([0.0, -0.0, 65504, 65519.99, 65520, -65520, 2 ** -24, 2 ** -25, -2 ** -25, 3 * 2 ** -26,
+                        2 ** -14, 2 ** -14 * (1 - 2 ** -11), 1e-40, -1e-40, 3.4e38, np.inf, -np.inf, np.nan], np.float32)
+    x = np.concatenate([bits.view(np.float32), special])
+    with np.errstate(all="ignore"):
+        want = x.astype(np.float16).astype(np.float32)
+    got = np.asarray(tf.cast(tf.cast(x, tf.float16), tf.float32))
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan)
+    assert np.array_equal(got.view(np.uint32)[~nan], want.view(np.uint32)[~nan])

@@ -19,7 +19,7 @@ def a_test_image(world):
 def test_predict_prints_top_k_labels_for_each_format(world):
     image = a_test_image(world)
     answers = {}
-    for name in ("coreml", "onnx", "tflite", "keras", "coreml-int8"):
+    for name in ("coreml", "onnx", "tflite", "keras", "coreml-int8", "coreml-mlprogram", "coreml-mlprogram-fp32"):
         result = invoke(*base_args(world), "predict", str(image), "--format", name, "--top-k", "2")
         assert result.exit_code == 0, result.stderr
         (line,) = result.stdout.splitlines()
@@ -53,8 +53,12 @@ def test_predict_errors_name_the_path_and_the_fix(world, tmp_path):
     assert nothing.exit_code == 1 and "no image files" in nothing.stderr
     no_exports = invoke(*base_args(world, artifacts=tmp_path / "none"), "predict", str(a_test_image(world)))
     assert no_exports.exit_code == 1 and "run `python -m pipeline export`" in no_exports.stderr
-    unknown = invoke(*base_args(world), "predict", str(a_test_image(world)), "--format", "coreml-mlprogram")
-    assert unknown.exit_code == 2  # nothing on Linux runs an ML Program, so it is not offered
+    unknown = invoke(*base_args(world), "predict", str(a_test_image(world)), "--format", "pdf")
+    assert unknown.exit_code == 2 and "pdf" in unknown.stderr
+
+
+def test_predict_offers_every_exported_format():
+    assert set(predict.RUNNABLE) == {"keras", *FORMATS}  # ML Programs through the NumPy ML Program checker
 
 
 def test_verify_prints_the_parity_table(world):
@@ -63,6 +67,7 @@ def test_verify_prints_the_parity_table(world):
     for fmt in FORMATS.values():
         assert fmt.title in result.stdout
     assert "FAILED" not in result.stdout
+    assert "Smallest Core ML file that passed: `MultiSnacks-" in result.stdout  # a compressed one, smaller than fp32
     saved = (world["artifacts"] / "export" / "parity.md").read_text(encoding="utf-8")
     assert saved.splitlines()[0] == result.stdout.splitlines()[0]
     rows = json.loads((world["artifacts"] / "export" / "export.json").read_text(encoding="utf-8"))["formats"]

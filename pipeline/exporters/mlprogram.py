@@ -1,7 +1,11 @@
-"""Core ML ML Program export (`.mlpackage`, iOS 15+), converted from the same model and checked by its spec.
+"""Core ML ML Program export (`.mlpackage`), converted from the same model: fp16 or fp32, or compressed weights.
 
-Nothing on Linux runs an ML Program, so `load` gives no predictor: the parity table shows it as checked by
-spec only. The spec check reads the image scale and bias from the program's own first operations.
+On Linux its outputs are computed by `pipeline.mlprogram_numpy` (the NumPy ML Program checker), from the saved
+package alone; the spec check reads the image scale and bias from the program's own first operations.
+
+Compressed weights (per-channel int8, 8- or 6-bit k-means palettes) are applied by coremltools.optimize.coreml
+to a program computing in fp16. They are stored in constexpr ops, which Core ML runs from iOS 16 / macOS 13
+(Core ML spec 7), so those programs are converted for iOS 16; fp16 and fp32 programs stay at iOS 15.
 """
 from __future__ import annotations
 
@@ -10,15 +14,49 @@ import numpy as np
 from pipeline import fileio
 from pipeline.exporters import coreml
 
+COMPRESSED = ("int8", "palette8", "palette6")
 
-def export(model, meta, path, precision="fp16"):
-    """Write `model` as an ML Program `.mlpackage` folder at `path`, computing in float16 or float32."""
+
+def deployment_target(precision):
+    """The lowest Core ML deployment target a program of `precision` runs on, as a coremltools target."""
     import coremltools as ct
 
+    return ct.target.iOS16 if precision in COMPRESSED else ct.target.iOS15
+
+
+def compression_config(precision):
+    """The coremltools.optimize.coreml config and function that compress the weights for `precision`."""
+    import coremltools.optimize.coreml as cto
+
+    if precision == "int8":
+        return cto.linear_quantize_weights, cto.OptimizationConfig(
+            global_config=cto.OpLinearQuantizerConfig(mode="linear_symmetric", granularity="per_channel"))
+    nbits = {"palette8": 8, "palette6": 6}[precision]
+    return cto.palettize_weights, cto.OptimizationConfig(
+        global_config=cto.OpPalettizerConfig(mode="kmeans", nbits=nbits))
+
+
+def export(model, meta, path, precision="fp16"):
+    """Write `model` as an ML Program `.mlpackage` folder at `path`.
+
+    precision: fp16 or fp32 (weights and computation), or int8 / palette8 / palette6 (fp16 computation with
+    compressed weights, iOS 16+).
+    """
+    import coremltools as ct
+
+    if precision not in ("fp16", "fp32", *COMPRESSED):
+        from pipeline.errors import ExportError
+
+        raise ExportError(f"an ML Program has no precision '{precision}'; one of fp16, fp32, {', '.join(COMPRESSED)}")
     mlmodel = ct.convert(model, convert_to="mlprogram", inputs=[coreml.image_input(meta)],
                          classifier_config=ct.ClassifierConfig(list(meta.labels)),
-                         minimum_deployment_target=ct.target.iOS15,
-                         compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32)
+                         minimum_deployment_target=deployment_target(precision),
+                         compute_precision=ct.precision.FLOAT32 if precision == "fp32" else ct.precision.FLOAT16)
+    if precision in COMPRESSED:
+        compress, config = compression_config(precision)
+        # an all-zero output channel gets scale 0 and warns of 0/0; it decompresses to zeros all the same
+        with np.errstate(divide="ignore", invalid="ignore"):
+            mlmodel = compress(mlmodel, config)
     spec = mlmodel.get_spec()
     coreml.describe(spec, meta)
     described = ct.models.MLModel(spec, weights_dir=mlmodel.weights_dir, skip_model_load=True)
@@ -48,8 +86,10 @@ def problems(path, meta):
 
 
 def load(path, labels=None):
-    """No runtime on Linux executes an ML Program."""
-    return None
+    """A predictor that computes the package's outputs in NumPy (pipeline.mlprogram_numpy), with its own labels."""
+    from pipeline import mlprogram_numpy
+
+    return mlprogram_numpy.predictor(path, labels)
 
 
 def _operations(spec):

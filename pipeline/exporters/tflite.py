@@ -11,15 +11,31 @@ from pipeline import fileio
 from pipeline.exporters import Predictor, with_preprocessing
 
 
-def export(model, meta, path, precision="fp32"):
-    """Write `model` with its preprocessing as a TFLite flatbuffer: float32, fp16 or dynamic-range int8 weights."""
+def export(model, meta, path, precision="fp32", calibration=None):
+    """Write `model` with its preprocessing as a TFLite flatbuffer.
+
+    precision: fp32; fp16 weights; int8 (dynamic range: int8 weights, float activations); or int8-full (int8
+        weights and activations, TFLITE_BUILTINS_INT8 ops only, float32 input and output tensors kept).
+    calibration: for int8-full, raw RGB training images (N, size, size, 3, 0-255) whose activations set the
+        int8 ranges; ignored otherwise.
+    """
     import tensorflow as tf
+
+    from pipeline.errors import ExportError
 
     converter = tf.lite.TFLiteConverter.from_keras_model(with_preprocessing(model, meta))
     if precision != "fp32":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]  # alone: int8 weights, float activations
     if precision == "fp16":
         converter.target_spec.supported_types = [tf.float16]
+    if precision == "int8-full":
+        if calibration is None or len(calibration) == 0:
+            raise ExportError("a full-integer TFLite export needs calibration images (export.calibration_images)")
+        images = np.asarray(calibration, dtype=np.float32)
+        converter.representative_dataset = lambda: ([image[None]] for image in images)
+        # inference_input_type / output_type stay float32: the model quantizes its input and dequantizes
+        # its probabilities itself, so callers feed raw pixels as with every other format
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     data = converter.convert()
     with fileio.atomic_path(path) as tmp:
         tmp.write_bytes(data)
@@ -44,8 +60,9 @@ def problems(path, meta):
     if list(inp["shape"]) != [1, meta.image_size, meta.image_size, 3] or inp["dtype"] != np.float32:
         found.append(f"input should be float32 [1, {meta.image_size}, {meta.image_size}, 3], "
                      f"got {inp['dtype'].__name__} {list(inp['shape'])}")
-    if list(out["shape"]) != [1, len(meta.labels)]:
-        found.append(f"output should be [1, {len(meta.labels)}], got {list(out['shape'])}")
+    if list(out["shape"]) != [1, len(meta.labels)] or out["dtype"] != np.float32:
+        found.append(f"output should be float32 [1, {len(meta.labels)}], "
+                     f"got {out['dtype'].__name__} {list(out['shape'])}")
     return found
 
 

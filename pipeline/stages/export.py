@@ -13,7 +13,7 @@ from pipeline.catalog import class_indices
 from pipeline.errors import ExportError, PipelineError
 from pipeline.exporters import FORMATS, model_meta
 from pipeline.images import load_array
-from pipeline.parity import blocking_failures, measure, megabytes, table
+from pipeline.parity import KERAS, blocking_failures, measure, megabytes, smallest_line, table
 
 log = logging.getLogger("pipeline.export")
 
@@ -59,6 +59,37 @@ def check_images(ingest_files, cfg):
     return pixels, class_indices(rows, ingest_files.read_classes())
 
 
+def calibration_rows(ingest_files, cfg):
+    """The training-split index rows (never val or test) that calibrate the formats needing it, deterministic:
+    `export.calibration_images` of them, taken in turn from each class (in class-list order) while it has
+    images left, each class's share spread evenly over its images in path order."""
+    classes = ingest_files.read_classes()
+    by_class = {label: [] for label in classes}
+    for row in ingest_files.read_index("train"):
+        by_class.setdefault(row["label"], []).append(row)
+    pools = [sorted(rows, key=lambda r: r["path"]) for rows in by_class.values() if rows]
+    if not pools:
+        raise ExportError("the training split has no images to calibrate tflite-int8-full with: rerun ingest, "
+                          "or leave tflite-int8-full out of export.formats")
+    wanted = min(cfg.export.calibration_images, sum(len(pool) for pool in pools))
+    shares = [0] * len(pools)
+    while sum(shares) < wanted:  # one image per class per round, skipping classes already used up
+        for i, pool in enumerate(pools):
+            if shares[i] < len(pool) and sum(shares) < wanted:
+                shares[i] += 1
+    chosen = []
+    for pool, share in zip(pools, shares):
+        positions = np.linspace(0, len(pool) - 1, share).round().astype(int) if share else []
+        chosen += [pool[i] for i in positions]
+    return chosen
+
+
+def calibration_pixels(ingest_files, cfg):
+    """Raw RGB pixels (N, H, W, 3, float32 0-255) of the calibration_rows, loaded as the check images are."""
+    rows = calibration_rows(ingest_files, cfg)
+    return np.stack([load_array(r["path"], cfg.model.image_size) for r in rows]).astype(np.float32)
+
+
 def stage_meta(cfg, inputs):
     """export_meta from the upstream stages' files."""
     return export_meta(cfg, inputs["ingest"].read_classes(), fileio.read_json(inputs["evaluate"].metrics),
@@ -67,26 +98,94 @@ def stage_meta(cfg, inputs):
 
 def parity(cfg, inputs, files, model=None, meta=None):
     """The parity rows of the exported `files` ({format: path}) against the fine-tuned Keras model (and the
-    metadata the files carry), each loaded from the upstream stages' files when not given."""
+    metadata the files carry), each loaded from the upstream stages' files when not given. The Keras row's
+    `check_images_seconds` is the time spent reading the test images."""
+    t0 = time.monotonic()
     pixels, truth = check_images(inputs["ingest"], cfg)
+    loading = round(time.monotonic() - t0, 2)
     model = model or models.load(inputs["finetune"].model)
-    return measure(files, model, inputs["finetune"].model, meta or stage_meta(cfg, inputs), pixels, truth,
+    rows = measure(files, model, inputs["finetune"].model, meta or stage_meta(cfg, inputs), pixels, truth,
                    cfg.export, log=_log_row)
+    rows[0]["check_images_seconds"] = loading  # the Keras row: time spent reading the test images
+    return rows
 
 
-def export_file(name, model, meta, path):
-    """Write the file of format `name`: timed, its size logged, and a failure reported with the format's name."""
+def export_file(name, model, meta, path, calibration=None):
+    """Write the file of format `name`: timed, its size logged, and a failure reported with the format's name.
+
+    calibration: raw RGB training images for a format that needs them (FORMATS[name].calibrated), else unused.
+    Returns the seconds the conversion took.
+    """
     fmt = FORMATS[name]
     t0 = time.monotonic()
+    extra = {}
+    if fmt.calibrated:
+        if calibration is None:
+            raise ExportError(f"{fmt.title} ('{name}' in export.formats) needs calibration images; the export "
+                              "stage passes export.calibration_images training images")
+        extra["calibration"] = calibration
     try:
-        fmt.exporter().export(model, meta, path, fmt.precision)
+        fmt.exporter().export(model, meta, path, fmt.precision, **extra)
     except PipelineError:
         raise
     except Exception as exc:  # a converter's own error, whatever its type
         raise ExportError(f"export of {fmt.title} ('{name}' in export.formats) to {path.name} failed: "
                           f"{type(exc).__name__}: {exc}; leave '{name}' out of export.formats to export the "
                           "others") from exc
-    log.info("export %s: %s (%.2f MB) in %.1fs", fmt.title, path.name, megabytes(path), time.monotonic() - t0)
+    seconds = time.monotonic() - t0
+    log.info("export %s: %s (%.2f MB) in %.1fs", fmt.title, path.name, megabytes(path), seconds)
+    return round(seconds, 2)
+
+
+def export_files(cfg, inputs, model, meta, files):
+    """Write every file of `files` ({format: path}); return {"calibration_images": seconds spent loading them,
+    "convert": {format: seconds}}. Calibration images are loaded only when a format needs them."""
+    t0 = time.monotonic()
+    calibration = calibration_pixels(inputs["ingest"], cfg) if any(FORMATS[n].calibrated for n in files) else None
+    loading = round(time.monotonic() - t0, 2)
+    convert = {name: export_file(name, model, meta, path, calibration) for name, path in files.items()}
+    return {"calibration_images": loading, "convert": convert}
+
+
+def time_breakdown(exported, rows):
+    """Where the export's time went, in seconds, from export_files' result and the parity rows' timings.
+
+    Returns {"calibration_images": reading them, "check_images": reading the test images, "keras_reference":
+    computing Keras's probabilities, "convert": {format: converting}, "check": {row format: spec check, loading
+    and computing}, "latency": {row format: measuring batch-1 latency}, "total"}.
+    """
+    keras = next(r for r in rows if r["format"] == KERAS)
+    breakdown = {"calibration_images": exported["calibration_images"],
+                 "check_images": keras.get("check_images_seconds", 0.0), "keras_reference": keras["seconds"],
+                 "convert": dict(exported["convert"]),
+                 "check": {r["format"]: r["seconds"] for r in rows if r["format"] != KERAS},
+                 "latency": {r["format"]: r.get("latency_seconds", 0.0) for r in rows}}
+    parts = [breakdown["calibration_images"], breakdown["check_images"], breakdown["keras_reference"],
+             *breakdown["convert"].values(), *breakdown["check"].values(), *breakdown["latency"].values()]
+    breakdown["total"] = round(sum(parts), 2)
+    return breakdown
+
+
+def time_table(breakdown):
+    """The time breakdown as a Markdown table: seconds converting, checking and timing each format, then the
+    image reading and the totals."""
+    convert, check, latency = breakdown["convert"], breakdown["check"], breakdown["latency"]
+    names = [KERAS, *convert, *[name for name in check if name not in convert]]
+    check = {**check, KERAS: breakdown["keras_reference"]}
+
+    def line(name, *cells):
+        return f"| {name} | " + " | ".join("-" if c is None else f"{c:.1f}" for c in cells) + " |"
+
+    lines = ["| format | convert s | check s | latency s | total s |", "|---|---|---|---|---|"]
+    for name in names:
+        parts = (convert.get(name), check.get(name, 0.0), latency.get(name, 0.0))
+        lines.append(line(name, *parts, sum(p or 0.0 for p in parts)))
+    lines.append(line("(reading calibration images)", breakdown["calibration_images"], None, None,
+                      breakdown["calibration_images"]))
+    lines.append(line("(reading test images)", None, breakdown["check_images"], None, breakdown["check_images"]))
+    lines.append(line("all", sum(convert.values()) + breakdown["calibration_images"],
+                      sum(check.values()) + breakdown["check_images"], sum(latency.values()), breakdown["total"]))
+    return "\n".join(lines) + "\n"
 
 
 def stop_on_failures(rows, show_table=True):
@@ -105,16 +204,20 @@ def run(ctx):
     model = models.load(ctx.inputs["finetune"].model)
     out.write_labels(meta.labels)
     files = {name: out.model(cfg.export.name, name) for name in cfg.export.formats}
-    for name, path in files.items():
-        export_file(name, model, meta, path)
+    exported = export_files(cfg, ctx.inputs, model, meta, files)
     rows = parity(cfg, ctx.inputs, files, model, meta)
-    fileio.write_json(out.checks, {"labels": meta.labels, "preprocessing": meta.preprocessing(), "formats": rows})
+    seconds = time_breakdown(exported, rows)
+    log.info("export time (seconds):\n%s", time_table(seconds))
+    fileio.write_json(out.checks, {"labels": meta.labels, "preprocessing": meta.preprocessing(), "formats": rows,
+                                   "seconds": seconds})
     fileio.write_text(out.parity, table(rows))
     stop_on_failures(rows)
     for row in rows:
         if not row["passed"]:
             log.warning("%s: %s", row["title"], row["verdict"])
-    return {"message": "; ".join(f"{r['title']} {r['verdict']}" for r in rows[1:]), "formats": rows}
+    log.info("%s", smallest_line(rows))
+    return {"message": "; ".join(f"{r['title']} {r['verdict']}" for r in rows[1:]), "formats": rows,
+            "seconds": seconds}
 
 
 def verify(cfg, catalog):
@@ -130,4 +233,6 @@ def _log_row(row):
     measured = (f": accuracy {row['accuracy']:.2%}, agrees with Keras on {row['top1_agreement']:.2%} of "
                 f"{row['images']} test images (max diff {row['max_probability_difference']:.1e})"
                 if "top1_agreement" in row else "")
-    log.info("check %s%s -> %s", row["title"], measured, row["verdict"])
+    timing = f" (checked in {row['seconds']:.1f}s" + (f", latency measured in {row['latency_seconds']:.1f}s)"
+                                                      if "latency_seconds" in row else ")")
+    log.info("check %s%s -> %s%s", row["title"], measured, row["verdict"], timing)
