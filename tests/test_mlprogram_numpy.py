@@ -585,6 +585,7 @@ def test_every_backbone_program_agrees_with_keras(tmp_path, classifier, precisio
     name, model, meta, pixels, expected = classifier
     path = tmp_path / f"{name}-{precision}.mlpackage"
     mlprogram.export(model, meta, path, precision)  # fp16: the shipped default; fp32: the same, computing in fp32
+    assert mlprogram.problems(path, meta) == []  # the backbone's own scale and per-channel bias included
     kinds = op_types(path)
     assert ("cast" in kinds) == (precision == "fp16") and "classify" in kinds
     predictor = mlprogram_numpy.predictor(path, LABELS)
