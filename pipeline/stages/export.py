@@ -55,8 +55,7 @@ def check_images(ingest_files, cfg):
     rows = ingest_files.read_index("test")
     if cfg.export.check_images is not None:
         rows = rows[:cfg.export.check_images]
-    pixels = np.stack([load_array(r["path"], cfg.model.image_size) for r in rows]).astype(np.float32)
-    return pixels, class_indices(rows, ingest_files.read_classes())
+    return _pixels(rows, cfg.model.image_size), class_indices(rows, ingest_files.read_classes())
 
 
 def calibration_rows(ingest_files, cfg):
@@ -72,11 +71,12 @@ def calibration_rows(ingest_files, cfg):
         raise ExportError("the training split has no images to calibrate tflite-int8-full with: rerun ingest, "
                           "or leave tflite-int8-full out of export.formats")
     wanted = min(cfg.export.calibration_images, sum(len(pool) for pool in pools))
-    shares = [0] * len(pools)
-    while sum(shares) < wanted:  # one image per class per round, skipping classes already used up
+    shares, taken = [0] * len(pools), 0
+    while taken < wanted:  # one image per class per round, skipping classes already used up
         for i, pool in enumerate(pools):
-            if shares[i] < len(pool) and sum(shares) < wanted:
+            if shares[i] < len(pool) and taken < wanted:
                 shares[i] += 1
+                taken += 1
     chosen = []
     for pool, share in zip(pools, shares):
         positions = np.linspace(0, len(pool) - 1, share).round().astype(int) if share else []
@@ -86,8 +86,12 @@ def calibration_rows(ingest_files, cfg):
 
 def calibration_pixels(ingest_files, cfg):
     """Raw RGB pixels (N, H, W, 3, float32 0-255) of the calibration_rows, loaded as the check images are."""
-    rows = calibration_rows(ingest_files, cfg)
-    return np.stack([load_array(r["path"], cfg.model.image_size) for r in rows]).astype(np.float32)
+    return _pixels(calibration_rows(ingest_files, cfg), cfg.model.image_size)
+
+
+def _pixels(rows, size):
+    """Raw RGB pixels (N, size, size, 3, float32 0-255) of the index rows' images."""
+    return np.stack([load_array(r["path"], size) for r in rows]).astype(np.float32)
 
 
 def stage_meta(cfg, inputs):
