@@ -5,8 +5,9 @@ Usage: PYTHONPATH=. python bench/export_time.py ARTIFACTS OUT [--formats a,b,...
 
 ARTIFACTS holds finished ingest, finetune and evaluate stages (for example a full snacks run). The config is
 the one the run's export (or else finetune) stage recorded in its config.yaml, with --formats, --check-images,
---latency-images and any --set applied. The script runs the export stage's own functions (export_files, which
-calls export_file for each format, and parity) writing the files into OUT, then prints and writes the breakdown:
+--latency-images and any --set applied. The script runs the export stage's own export_and_check (export_file for
+each format, in a worker process unless --set export.convert_in_worker=false, and parity) writing the files
+into OUT, then prints and writes the breakdown:
 seconds converting each file, checking each file (spec check, loading, computing the check images), computing
 the Keras reference, measuring latency, and reading the calibration and test images. OUT also gets
 parity.md and export_time.json ({"config", "seconds", "formats": parity rows}).
@@ -60,8 +61,7 @@ def main(argv=None):
     model = models.load(inputs["finetune"].model)
     out = ExportFiles(args.out)
     files = {name: out.model(cfg.export.name, name) for name in cfg.export.formats}
-    exported = export.export_files(cfg, inputs, model, meta, files)
-    rows = export.parity(cfg, inputs, files, model, meta)
+    exported, rows = export.export_and_check(cfg, inputs, model, meta, files)
     seconds = export.time_breakdown(exported, rows)
     fileio.write_text(args.out / "parity.md", table(rows))
     fileio.write_json(args.out / "export_time.json", {"config": cfg.section("export"), "seconds": seconds,

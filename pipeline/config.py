@@ -297,14 +297,16 @@ class ExportConfig:
     formats: any of the names in pipeline.exporters.FORMATS; by default those whose `default` is set there
         (not the 8-bit, palettized, fp32 ML Program or full-integer variants, exported only when named).
     check_images: how many test images each export is checked on against Keras; null = all.
-    calibration_images: how many training images (never val or test ones) calibrate the activation ranges of
-        the formats that need it (tflite-int8-full): taken in turn from each class, spread evenly over each
-        class's images in index order, so the choice is the same in every run.
+    calibration_images: how many training images (never val or test ones) calibrate the formats that need it
+        (tflite-int8-full's activation ranges; the compressed ML Programs' bias correction): taken in turn from
+        each class, spread evenly over each class's images in index order, so the choice is the same in every run.
     max_probability_difference: the largest class-probability difference from Keras an fp32 export may show.
     min_top1_agreement: the smallest fraction of checked images whose top-1 class must equal Keras's (fp32).
     reduced_min_top1_agreement, reduced_max_accuracy_drop: the same for fp16/int8 variants (the drop in test
         accuracy as a fraction, 0.005 = half a point); a variant that misses them is marked failed, not fatal.
     latency_images: how many single-image calls the mean latency of each runtime is measured over.
+    convert_in_worker: convert the files in a worker process while the stage's own process checks each one as
+        soon as it is written (two cores overlap the two); false converts them in the stage's process.
     """
 
     name: str = "MultiSnacks"
@@ -320,6 +322,7 @@ class ExportConfig:
     reduced_min_top1_agreement: float = 0.99
     reduced_max_accuracy_drop: float = 0.005
     latency_images: int = 50
+    convert_in_worker: bool = True
 
     def validate(self):
         from pipeline.exporters import FORMATS
@@ -331,7 +334,7 @@ class ExportConfig:
         _check("export.check_images", self.check_images, self.check_images is None or self.check_images >= 1,
                "a positive integer or null")
         _check("export.calibration_images", self.calibration_images, 1 <= self.calibration_images <= 10_000,
-               "an integer from 1 to 10000 (how many training images calibrate tflite-int8-full; 100 is plenty)")
+               "an integer from 1 to 10000 (how many training images calibrate the int8 and palettized formats; 100 is plenty)")
         _check("export.max_probability_difference", self.max_probability_difference,
                0 < self.max_probability_difference <= 1, "a number in (0, 1]")
         for key in ("min_top1_agreement", "reduced_min_top1_agreement", "reduced_max_accuracy_drop"):

@@ -24,7 +24,7 @@ TensorFlow (a float16 cast and back, exactly NumPy's float16 cast), giving a rea
 rounding is `_round_to_fp16`, also exactly NumPy's cast, in place; an op whose inputs die at it writes its
 output over them when nothing else shares their memory (and they are writable); and
 ops that only select or move fp16 values (relu6, pad, transpose, ...) are not rounded, as rounding them changes
-nothing. Batches of 4 keep the activations in the cache.
+nothing. Batches of `pipeline.coreml_numpy.BATCH` images ran fastest.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from pipeline.coreml_numpy import CannotVerify, channels_first, conv2d, conv_kernels, padded
+from pipeline.coreml_numpy import BATCH, CannotVerify, channels_first, conv2d, conv_kernels, padded
 from pipeline.errors import ExportError
 
 
@@ -92,7 +92,7 @@ def _has_blob_weights(spec):
 
 # -- running -------------------------------------------------------------------------------------------------
 
-def run(program_or_path, inputs, outputs=None, batch_size=4):
+def run(program_or_path, inputs, outputs=None, batch_size=BATCH):
     """The program's outputs for a batch of inputs, computed in chunks of `batch_size`: {name: array}.
 
     program_or_path: an `.mlpackage` path, an MLModel, a Package (see `read`) or a MIL Program.
@@ -147,7 +147,7 @@ def class_labels(program_or_path):
     return _classify(read(program_or_path).function)[1]
 
 
-def class_probabilities(program_or_path, pixels, batch_size=4):
+def class_probabilities(program_or_path, pixels, batch_size=BATCH):
     """A classifier's (labels, probabilities (N, classes)) for decoded pixels (see `run`), labels in its order."""
     package = read(program_or_path)
     op, labels = _classify(package.function)
@@ -184,6 +184,17 @@ def _classify(function):
     classes = ops[0].inputs["classes"].val
     labels = list(getattr(classes, "ls", classes))
     return ops[0], [label.item() if isinstance(label, np.generic) else label for label in labels]
+
+
+def image_input_names(program_or_path):
+    """The names of the program's image inputs (none for a bare MIL Program)."""
+    return list(_image_inputs(read(program_or_path)))
+
+
+def constant_values(program_or_path):
+    """{id(var): value} of the function's const and constexpr outputs (decompressed), each with a batch axis of
+    1; the Package keeps them for its later runs."""
+    return _constants(read(program_or_path))
 
 
 def _image_inputs(package):

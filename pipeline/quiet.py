@@ -28,6 +28,11 @@ def configure(verbose):
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.ERROR)
 
 
+def verbose():
+    """Whether `configure` was last asked to show the libraries' log lines."""
+    return _verbose
+
+
 @contextlib.contextmanager
 def native_stderr():
     """Hold back what C/C++ code writes to stderr inside the block (shown again if the block fails, or with -v).

@@ -133,8 +133,8 @@ def test_default_export_list_holds_the_files_that_pass_on_snacks():
     formats = config.from_dict({}).export.formats
     assert {"coreml", "coreml-mlprogram", "onnx", "onnx-fp16", "tflite", "tflite-fp16"} == set(formats)
     for name in ("coreml-fp16", "coreml-int8", "tflite-int8", "coreml-mlprogram-fp32", "coreml-mlprogram-int8",
-                 "coreml-mlprogram-palette8",
-                 "coreml-mlprogram-palette6", "tflite-int8-full"):  # exported when named
+                 "coreml-mlprogram-palette8", "coreml-mlprogram-palette6", "coreml-mlprogram-mixed",
+                 "tflite-int8-full"):  # exported when named
         assert name not in formats and config.from_dict({"export": {"formats": [name]}}).export.formats == [name]
     assert config.load(config.DEFAULT_CONFIG).export.formats == formats  # the make-all config lists the same
 

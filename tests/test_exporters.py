@@ -260,12 +260,14 @@ def program_ops(path):
     ("coreml-mlprogram-int8", "constexpr_affine_dequantize", 7, 8),
     ("coreml-mlprogram-palette8", "constexpr_lut_to_dense", 7, 8),
     ("coreml-mlprogram-palette6", "constexpr_lut_to_dense", 7, 6),
+    ("coreml-mlprogram-mixed", "constexpr_lut_to_dense", 7, 6),  # the one big weight is the largest: 6-bit
 ])
 def test_ml_programs_store_their_weights_as_named_and_need_the_target_in_their_title(tmp_path, name, compressed_op,
                                                                                         spec_version, bits):
     fmt = FORMATS[name]
     path = tmp_path / f"m{fmt.suffix}"
-    mlprogram.export(conv_model(), meta(), path, fmt.precision)
+    mlprogram.export(conv_model(), meta(), path, fmt.precision,
+                     calibration=calibration_images() if fmt.calibrated else None)
     spec, ops = program_ops(path)
     assert spec.specificationVersion == spec_version
     assert ("iOS 16+" if spec_version == 7 else "iOS 15+") in fmt.title
@@ -292,3 +294,30 @@ def test_full_integer_tflite_refuses_to_export_without_calibration_images(tmp_pa
 
     with pytest.raises(ExportError, match="calibration images"):
         tflite.export(conv_model(), meta(), tmp_path / "m.tflite", "int8-full")
+
+
+def test_the_mixed_program_is_at_most_a_quarter_of_the_fp32_one_with_its_largest_weights_in_6_bits(tmp_path):
+    import tf_keras as keras
+
+    keras.utils.set_random_seed(5)
+    inputs = keras.Input((SIZE, SIZE, 3), name="image")
+    x = inputs
+    for width in (64, 96, 192, 256):  # 1x1 convs of 192, 6144, 18432 and 49152 weights
+        x = keras.layers.Conv2D(width, 1, activation="relu")(x)
+    outputs = keras.layers.Dense(3, activation="softmax")(keras.layers.GlobalAveragePooling2D()(x))
+    model = keras.Model(inputs, outputs)
+    sizes = {}
+    for precision in ("fp32", "int8", "mixed"):
+        path = tmp_path / f"m-{precision}.mlpackage"
+        mlprogram.export(model, meta(), path, precision, calibration=calibration_images())
+        sizes[precision] = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    assert sizes["int8"] > sizes["fp32"] / 4 >= sizes["mixed"], sizes  # int8 alone is not small enough
+    spec, _ = program_ops(tmp_path / "m-mixed.mlpackage")
+    main = spec.mlProgram.functions["main"]
+    ops = list(main.block_specializations[main.opset].operations)
+    palettized = sorted(int(np.prod([d.constant.size for d in op.outputs[0].type.tensorType.dimensions]))
+                        for op in ops if op.type == "constexpr_lut_to_dense")
+    quantized = [int(np.prod([d.constant.size for d in op.outputs[0].type.tensorType.dimensions]))
+                 for op in ops if op.type == "constexpr_affine_dequantize"]
+    assert palettized and quantized and min(palettized) > max(quantized)  # the largest go to 6 bits
+    assert mlprogram.problems(tmp_path / "m-mixed.mlpackage", meta()) == []

@@ -80,6 +80,28 @@ def test_every_new_format_gets_a_measured_passing_row(tmp_path, model, model_pat
     assert rows[0]["seconds"] >= 0 and rows[0]["latency_seconds"] >= 0
 
 
+def test_each_file_is_awaited_before_it_is_read_and_latencies_come_after_every_check(tmp_path, model, model_path,
+                                                                                       images, monkeypatch):
+    from pipeline.stages.export import export_file
+
+    files = {name: tmp_path / f"m{FORMATS[name].suffix}" for name in ("onnx", "coreml", "tflite")}
+    events = []
+
+    def ready(name):  # the file is written only now, as a conversion in the worker would finish it
+        events.append(("ready", name))
+        assert not files[name].exists()
+        export_file(name, model, colour_meta(), files[name])
+
+    timed = parity._latency
+    monkeypatch.setattr(parity, "_latency", lambda predictor, *a: events.append(("latency",)) or timed(predictor, *a))
+    pixels, truth = images
+    rows = parity.measure(files, model, model_path, colour_meta(), pixels, truth, SETTINGS,
+                          log=lambda row: events.append(("checked", row["format"])), ready=ready)
+    assert events == [("ready", "onnx"), ("checked", "onnx"), ("ready", "coreml"), ("checked", "coreml"),
+                      ("ready", "tflite"), ("checked", "tflite"), *[("latency",)] * 3]  # Keras, ONNX, TFLite
+    assert all(r["passed"] for r in rows) and [r["latency_ms"] is not None for r in rows] == [True, True, False, True]
+
+
 @pytest.fixture(scope="module")
 def good_package(tmp_path_factory, model):
     path = tmp_path_factory.mktemp("good") / "m-fp32.mlpackage"

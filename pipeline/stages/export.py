@@ -1,19 +1,21 @@
 """Stage 6, export: Core ML, ONNX and TFLite files (and smaller variants), each measured against Keras."""
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from pathlib import Path
 
 import numpy as np
 
-from pipeline import fileio, models
+from pipeline import allocator, fileio, models
 from pipeline.backbones import alpha_of
 from pipeline.catalog import class_indices
+from pipeline.conversions import Conversions
 from pipeline.errors import ExportError, PipelineError
 from pipeline.exporters import FORMATS, model_meta
 from pipeline.images import load_array
-from pipeline.parity import KERAS, blocking_failures, measure, megabytes, smallest_line, table
+from pipeline.parity import KERAS, blocking_failures, measure, smallest_line, table
 
 log = logging.getLogger("pipeline.export")
 
@@ -68,8 +70,9 @@ def calibration_rows(ingest_files, cfg):
         by_class.setdefault(row["label"], []).append(row)
     pools = [sorted(rows, key=lambda r: r["path"]) for rows in by_class.values() if rows]
     if not pools:
-        raise ExportError("the training split has no images to calibrate tflite-int8-full with: rerun ingest, "
-                          "or leave tflite-int8-full out of export.formats")
+        needing = [name for name in cfg.export.formats if FORMATS[name].calibrated]
+        raise ExportError(f"the training split has no images to calibrate {', '.join(needing) or 'with'}: rerun "
+                          "ingest, or leave those formats out of export.formats")
     wanted = min(cfg.export.calibration_images, sum(len(pool) for pool in pools))
     shares, taken = [0] * len(pools), 0
     while taken < wanted:  # one image per class per round, skipping classes already used up
@@ -100,16 +103,18 @@ def stage_meta(cfg, inputs):
                        fileio.read_json(inputs["ingest"].report))
 
 
-def parity(cfg, inputs, files, model=None, meta=None):
+def parity(cfg, inputs, files, model=None, meta=None, ready=None):
     """The parity rows of the exported `files` ({format: path}) against the fine-tuned Keras model (and the
     metadata the files carry), each loaded from the upstream stages' files when not given. The Keras row's
-    `check_images_seconds` is the time spent reading the test images."""
+    `check_images_seconds` is the time spent reading the test images.
+
+    ready: called with a format's name before its file is read, to wait until it is written (see measure)."""
     t0 = time.monotonic()
     pixels, truth = check_images(inputs["ingest"], cfg)
     loading = round(time.monotonic() - t0, 2)
     model = model or models.load(inputs["finetune"].model)
     rows = measure(files, model, inputs["finetune"].model, meta or stage_meta(cfg, inputs), pixels, truth,
-                   cfg.export, log=_log_row)
+                   cfg.export, log=_log_row, ready=ready)
     rows[0]["check_images_seconds"] = loading  # the Keras row: time spent reading the test images
     return rows
 
@@ -136,19 +141,38 @@ def export_file(name, model, meta, path, calibration=None):
         raise ExportError(f"export of {fmt.title} ('{name}' in export.formats) to {path.name} failed: "
                           f"{type(exc).__name__}: {exc}; leave '{name}' out of export.formats to export the "
                           "others") from exc
-    seconds = time.monotonic() - t0
-    log.info("export %s: %s (%.2f MB) in %.1fs", fmt.title, path.name, megabytes(path), seconds)
-    return round(seconds, 2)
+    return round(time.monotonic() - t0, 2)
 
 
 def export_files(cfg, inputs, model, meta, files):
-    """Write every file of `files` ({format: path}); return {"calibration_images": seconds spent loading them,
-    "convert": {format: seconds}}. Calibration images are loaded only when a format needs them."""
+    """Write every file of `files` ({format: path}) here, one after another; return Conversions.summary():
+    {"calibration_images": seconds spent loading them, "convert": {format: seconds}}. Calibration images are
+    loaded only when a format needs them."""
+    with Conversions(model, None, meta, files, _calibration(cfg, inputs, files), in_worker=False) as conversions:
+        conversions.wait_all()
+    return conversions.summary()
+
+
+def export_and_check(cfg, inputs, model, meta, files):
+    """Write every file of `files` and measure each against Keras: (export_files' summary, parity rows).
+
+    With export.convert_in_worker the files are converted in a worker process while this one computes the
+    Keras reference and checks each file as soon as it is written (pipeline.conversions); otherwise here,
+    each just before its check. The summary's "elapsed" is the wall time of it all.
+    """
     t0 = time.monotonic()
-    calibration = calibration_pixels(inputs["ingest"], cfg) if any(FORMATS[n].calibrated for n in files) else None
-    loading = round(time.monotonic() - t0, 2)
-    convert = {name: export_file(name, model, meta, path, calibration) for name, path in files.items()}
-    return {"calibration_images": loading, "convert": convert}
+    allocator.keep_freed_memory()
+    with Conversions(model, inputs["finetune"].model, meta, files, _calibration(cfg, inputs, files),
+                     in_worker=cfg.export.convert_in_worker) as conversions:
+        rows = parity(cfg, inputs, files, model, meta, ready=conversions.wait)
+    return {**conversions.summary(), "elapsed": round(time.monotonic() - t0, 2)}, rows
+
+
+def _calibration(cfg, inputs, files):
+    """The function loading the calibration pixels (picklable, for the worker), or None if no format needs them."""
+    if not any(FORMATS[name].calibrated for name in files):
+        return None
+    return functools.partial(calibration_pixels, inputs["ingest"], cfg)
 
 
 def time_breakdown(exported, rows):
@@ -156,7 +180,8 @@ def time_breakdown(exported, rows):
 
     Returns {"calibration_images": reading them, "check_images": reading the test images, "keras_reference":
     computing Keras's probabilities, "convert": {format: converting}, "check": {row format: spec check, loading
-    and computing}, "latency": {row format: measuring batch-1 latency}, "total"}.
+    and computing}, "latency": {row format: measuring batch-1 latency}, "total": their sum}, and "elapsed", the
+    wall time, when export_and_check gave it (less than the total when conversions ran beside the checks).
     """
     keras = next(r for r in rows if r["format"] == KERAS)
     breakdown = {"calibration_images": exported["calibration_images"],
@@ -167,6 +192,8 @@ def time_breakdown(exported, rows):
     parts = [breakdown["calibration_images"], breakdown["check_images"], breakdown["keras_reference"],
              *breakdown["convert"].values(), *breakdown["check"].values(), *breakdown["latency"].values()]
     breakdown["total"] = round(sum(parts), 2)
+    if "elapsed" in exported:  # conversions beside the checks: the wall time is less than the parts' sum
+        breakdown["elapsed"] = exported["elapsed"]
     return breakdown
 
 
@@ -189,6 +216,9 @@ def time_table(breakdown):
     lines.append(line("(reading test images)", None, breakdown["check_images"], None, breakdown["check_images"]))
     lines.append(line("all", sum(convert.values()) + breakdown["calibration_images"],
                       sum(check.values()) + breakdown["check_images"], sum(latency.values()), breakdown["total"]))
+    if "elapsed" in breakdown:
+        lines.append(line("elapsed (wall time: conversions in a worker overlap the checks)", None, None, None,
+                          breakdown["elapsed"]))
     return "\n".join(lines) + "\n"
 
 
@@ -208,8 +238,7 @@ def run(ctx):
     model = models.load(ctx.inputs["finetune"].model)
     out.write_labels(meta.labels)
     files = {name: out.model(cfg.export.name, name) for name in cfg.export.formats}
-    exported = export_files(cfg, ctx.inputs, model, meta, files)
-    rows = parity(cfg, ctx.inputs, files, model, meta)
+    exported, rows = export_and_check(cfg, ctx.inputs, model, meta, files)
     seconds = time_breakdown(exported, rows)
     log.info("export time (seconds):\n%s", time_table(seconds))
     fileio.write_json(out.checks, {"labels": meta.labels, "preprocessing": meta.preprocessing(), "formats": rows,
@@ -230,6 +259,7 @@ def verify(cfg, catalog):
     missing = [str(path) for path in files.values() if not path.exists()]
     if missing:
         raise PipelineError(f"no exported file {', '.join(missing)}: run `python -m pipeline export` first")
+    allocator.keep_freed_memory()
     return parity(cfg, {name: catalog.stage(name) for name in ("ingest", "finetune", "evaluate")}, files)
 
 
@@ -237,6 +267,4 @@ def _log_row(row):
     measured = (f": accuracy {row['accuracy']:.2%}, agrees with Keras on {row['top1_agreement']:.2%} of "
                 f"{row['images']} test images (max diff {row['max_probability_difference']:.1e})"
                 if "top1_agreement" in row else "")
-    timing = f" (checked in {row['seconds']:.1f}s" + (f", latency measured in {row['latency_seconds']:.1f}s)"
-                                                      if "latency_seconds" in row else ")")
-    log.info("check %s%s -> %s%s", row["title"], measured, row["verdict"], timing)
+    log.info("check %s%s -> %s (checked in %.1fs)", row["title"], measured, row["verdict"], row["seconds"])

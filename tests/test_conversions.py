@@ -1,0 +1,74 @@
+"""Conversions in a worker process: the same files as converting in the stage's own process, each format's
+error raised with its name, a worker that cannot start named with the fix, calibration images read only when
+a format needs them."""
+import numpy as np
+import pytest
+
+from pipeline.conversions import Conversions
+from pipeline.errors import ExportError
+from test_parity import colour_meta, colour_model  # the tiny colour classifier of the parity tests
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("keras") / "model.h5"
+    colour_model().save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(model_path):
+    from pipeline import models
+
+    return models.load(model_path)
+
+
+def test_the_worker_writes_the_same_files_as_this_process(tmp_path, model, model_path):
+    names = ("onnx", "tflite")
+    here = {name: tmp_path / "here" / f"m-{name}" for name in names}
+    there = {name: tmp_path / "worker" / f"m-{name}" for name in names}
+    for files, in_worker in ((here, False), (there, True)):
+        files[names[0]].parent.mkdir()
+        with Conversions(model, model_path, colour_meta(), files, in_worker=in_worker) as conversions:
+            conversions.wait_all()
+        summary = conversions.summary()
+        assert list(summary["convert"]) == list(names) and all(s > 0 for s in summary["convert"].values())
+        assert summary["calibration_images"] == 0.0
+    for name in names:
+        assert there[name].read_bytes() == here[name].read_bytes(), name
+
+
+def test_a_conversion_error_in_the_worker_is_raised_with_the_format_name(tmp_path, model, model_path):
+    files = {"tflite-int8-full": tmp_path / "m.tflite", "onnx": tmp_path / "m.onnx"}
+    with Conversions(model, model_path, colour_meta(), files, calibration=None) as conversions:
+        with pytest.raises(ExportError, match="tflite-int8-full.*calibration images"):
+            conversions.wait("tflite-int8-full")
+        conversions.wait("onnx")  # the worker goes on with the next format
+    assert (tmp_path / "m.onnx").exists() and not (tmp_path / "m.tflite").exists()
+
+
+def test_a_worker_that_cannot_start_is_an_error_naming_the_format_and_the_fix(tmp_path, model):
+    broken = tmp_path / "model.h5"
+    broken.write_bytes(b"not an HDF5 file")
+    with Conversions(model, broken, colour_meta(), {"onnx": tmp_path / "m.onnx"}) as conversions:
+        with pytest.raises(ExportError, match=r"converting ONNX \('onnx'\).*export.convert_in_worker: false"):
+            conversions.wait("onnx")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_calibration_images_are_read_once_and_only_for_a_format_that_needs_them(tmp_path, model, model_path):
+    calls = []
+
+    def calibration():
+        calls.append(1)
+        return np.full((4, 8, 8, 3), 128, np.float32)
+
+    with Conversions(model, model_path, colour_meta(), {"onnx": tmp_path / "m.onnx"}, calibration,
+                     in_worker=False) as conversions:
+        conversions.wait_all()
+    assert calls == []
+    files = {"tflite-int8-full": tmp_path / "a.tflite"}
+    with Conversions(model, model_path, colour_meta(), files, calibration, in_worker=False) as conversions:
+        conversions.wait_all()
+        conversions.wait_all()  # a file already written is not converted again
+    assert calls == [1] and (tmp_path / "a.tflite").exists()
