@@ -16,7 +16,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 from pipeline import quiet
-from pipeline.errors import ExportError
+from pipeline.errors import ExportError, PipelineError
 from pipeline.exporters import FORMATS
 
 log = logging.getLogger("pipeline.export")
@@ -90,6 +90,30 @@ class Conversions:
         return self.calibration if FORMATS[name].calibrated else None
 
 
+def export_file(name, model, meta, path, calibration=None):
+    """Write the file of format `name`, timed, a failure reported with the format's name; return its seconds.
+
+    calibration: raw RGB training images for a format that needs them (FORMATS[name].calibrated), else unused.
+    """
+    fmt = FORMATS[name]
+    t0 = time.monotonic()
+    extra = {}
+    if fmt.calibrated:
+        if calibration is None:
+            raise ExportError(f"{fmt.title} ('{name}' in export.formats) needs calibration images; the export "
+                              "stage passes export.calibration_images training images")
+        extra["calibration"] = calibration
+    try:
+        fmt.exporter().export(model, meta, path, fmt.precision, **extra)
+    except PipelineError:
+        raise
+    except Exception as exc:  # a converter's own error, whatever its type
+        raise ExportError(f"export of {fmt.title} ('{name}' in export.formats) to {path.name} failed: "
+                          f"{type(exc).__name__}: {exc}; leave '{name}' out of export.formats to export the "
+                          "others") from exc
+    return round(time.monotonic() - t0, 2)
+
+
 def _start_worker(model_path, verbose):
     from pipeline import models  # importing pipeline sets TF_USE_LEGACY_KERAS before TensorFlow loads
 
@@ -108,7 +132,6 @@ def _converted(name, model, meta, path, calibration, loaded):
     loaded: where calibration pixels are kept once loaded (the worker's state), so they are read once.
     """
     from pipeline.parity import megabytes
-    from pipeline.stages.export import export_file
 
     t0 = time.monotonic()
     pixels = None

@@ -8,6 +8,7 @@ from pipeline import config
 from pipeline.catalog import IngestFiles
 from pipeline.errors import ExportError
 from pipeline.exporters import FORMATS
+from pipeline import conversions
 from pipeline.stages import export
 
 CLASSES = ["a", "b", "c"]
@@ -81,7 +82,7 @@ def test_formats_without_calibration_read_no_calibration_images(ingest, tmp_path
 
 def test_a_calibrated_format_without_images_is_a_clear_error(tmp_path):
     with pytest.raises(ExportError, match="needs calibration images"):
-        export.export_file("tflite-int8-full", None, None, tmp_path / "m.tflite")
+        conversions.export_file("tflite-int8-full", None, None, tmp_path / "m.tflite")
 
 
 def test_the_time_breakdown_adds_up_every_part():

@@ -144,7 +144,9 @@ def test_format_table_names_existing_modules():
         assert fmt.precision in PRECISIONS
         assert fmt.runtime  # since the ML Program checker, every format is computed on Linux
     assert len({f.suffix for f in FORMATS.values()}) == len(FORMATS)
-    assert [n for n, f in FORMATS.items() if f.calibrated] == ["tflite-int8-full"]
+    calibrated = [n for n, f in FORMATS.items() if f.calibrated]  # activation ranges, or bias correction
+    assert calibrated == ["coreml-mlprogram-int8", "coreml-mlprogram-palette8", "coreml-mlprogram-palette6",
+                          "coreml-mlprogram-mixed", "tflite-int8-full"]
     assert "coreml-int8" in FORMATS  # the legacy 8-bit .mlmodel stays available by name
 
 

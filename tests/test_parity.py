@@ -62,7 +62,7 @@ NEW_FORMATS = ["coreml-mlprogram", "coreml-mlprogram-fp32", "coreml-mlprogram-in
 
 
 def test_every_new_format_gets_a_measured_passing_row(tmp_path, model, model_path, images):
-    from pipeline.stages.export import export_file
+    from pipeline.conversions import export_file
 
     files = {name: tmp_path / f"m{FORMATS[name].suffix}" for name in NEW_FORMATS}
     calibration = np.clip(PROTOTYPES[np.arange(9) % 3, None, None] + np.zeros((9, SIZE, SIZE, 3)), 0, 255)
@@ -82,7 +82,7 @@ def test_every_new_format_gets_a_measured_passing_row(tmp_path, model, model_pat
 
 def test_each_file_is_awaited_before_it_is_read_and_latencies_come_after_every_check(tmp_path, model, model_path,
                                                                                        images, monkeypatch):
-    from pipeline.stages.export import export_file
+    from pipeline.conversions import export_file
 
     files = {name: tmp_path / f"m{FORMATS[name].suffix}" for name in ("onnx", "coreml", "tflite")}
     events = []

@@ -119,31 +119,6 @@ def parity(cfg, inputs, files, model=None, meta=None, ready=None):
     return rows
 
 
-def export_file(name, model, meta, path, calibration=None):
-    """Write the file of format `name`: timed, its size logged, and a failure reported with the format's name.
-
-    calibration: raw RGB training images for a format that needs them (FORMATS[name].calibrated), else unused.
-    Returns the seconds the conversion took.
-    """
-    fmt = FORMATS[name]
-    t0 = time.monotonic()
-    extra = {}
-    if fmt.calibrated:
-        if calibration is None:
-            raise ExportError(f"{fmt.title} ('{name}' in export.formats) needs calibration images; the export "
-                              "stage passes export.calibration_images training images")
-        extra["calibration"] = calibration
-    try:
-        fmt.exporter().export(model, meta, path, fmt.precision, **extra)
-    except PipelineError:
-        raise
-    except Exception as exc:  # a converter's own error, whatever its type
-        raise ExportError(f"export of {fmt.title} ('{name}' in export.formats) to {path.name} failed: "
-                          f"{type(exc).__name__}: {exc}; leave '{name}' out of export.formats to export the "
-                          "others") from exc
-    return round(time.monotonic() - t0, 2)
-
-
 def export_files(cfg, inputs, model, meta, files):
     """Write every file of `files` ({format: path}) here, one after another; return Conversions.summary():
     {"calibration_images": seconds spent loading them, "convert": {format: seconds}}. Calibration images are
