@@ -1,12 +1,13 @@
 """Keeping freed memory in the process for the checkers' next batch, on Linux (glibc's malloc).
 
-The Core ML checkers allocate and free arrays of several to tens of MB for every op of every batch. glibc gives
-freed memory at the top of its heap back to the kernel (above a trim threshold of, at most, a few tens of MB),
-so the next batch's arrays fault their pages in again: on 2 cores that was a quarter of the checks' time
-(EfficientNet-Lite0 at 256 px, 192 images, batches of 16: the .mlmodel checker at 26-29 images/s, 48-52 with
-this; the .mlpackage checker at 25-26, 34-35; system time 5.3-6.5 s, 2.7-2.8 s with this; the same peak memory). Keeping freed memory means the
-heap stays at its largest size until the process ends, so this is switched on where the checks run (the export
-stage and `verify`), the pipeline's last step, not for training.
+The Core ML checkers allocate and free arrays of several to tens of MB for every op of every batch. glibc maps
+such arrays one by one and unmaps them when freed, and gives freed memory at the top of its heap back to the
+kernel, so the next batch's arrays fault their pages in again. On 2 cores that took a quarter to nearly half of
+the checks' time (EfficientNet-Lite0 at 256 px, 192 images, batches of 16: the .mlmodel checker at 26-29
+images/s, 48-52 with this; the .mlpackage checker at 25-26, 34-35; system time 5.3-6.5 s, 2.7-2.8 s with this;
+the same peak memory). Keeping freed memory means the heap stays at its largest size until the process ends,
+so this is switched on where the checks run (the export stage and `verify`), the pipeline's last step, not for
+training.
 """
 from __future__ import annotations
 

@@ -334,7 +334,8 @@ class ExportConfig:
         _check("export.check_images", self.check_images, self.check_images is None or self.check_images >= 1,
                "a positive integer or null")
         _check("export.calibration_images", self.calibration_images, 1 <= self.calibration_images <= 10_000,
-               "an integer from 1 to 10000 (how many training images calibrate the int8 and palettized formats; 100 is plenty)")
+               "an integer from 1 to 10000 (how many training images calibrate the int8 and palettized formats; "
+               "100 is plenty)")
         _check("export.max_probability_difference", self.max_probability_difference,
                0 < self.max_probability_difference <= 1, "a number in (0, 1]")
         for key in ("min_top1_agreement", "reduced_min_top1_agreement", "reduced_max_accuracy_drop"):

@@ -98,3 +98,13 @@ def test_the_time_breakdown_adds_up_every_part():
     assert "| keras | - | 2.0 | 1.0 | 3.0 |" in lines
     assert "| coreml | 4.0 | 3.0 | 0.0 | 7.0 |" in lines and "| tflite | 1.0 | 0.2 | 0.8 | 2.0 |" in lines
     assert lines[-1] == "| all | 5.0 | 5.8 | 1.8 | 12.5 |"  # 5.75 and 1.75 shown to one decimal
+
+
+def test_the_wall_time_is_shown_apart_from_the_sum_when_conversions_overlap_the_checks():
+    rows = [{"format": "keras", "seconds": 2.0, "latency_seconds": 1.0, "check_images_seconds": 0.5},
+            {"format": "coreml", "seconds": 3.0}]
+    breakdown = export.time_breakdown({"calibration_images": 0.0, "convert": {"coreml": 4.0}, "elapsed": 7.5}, rows)
+    assert breakdown["total"] == 0.5 + 2.0 + 4.0 + 3.0 + 1.0 and breakdown["elapsed"] == 7.5
+    lines = export.time_table(breakdown).splitlines()
+    assert lines[-2] == "| all | 4.0 | 5.5 | 1.0 | 10.5 |"
+    assert lines[-1].startswith("| elapsed (wall time") and lines[-1].endswith("| - | - | - | 7.5 |")

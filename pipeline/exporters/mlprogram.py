@@ -4,10 +4,11 @@ On Linux its outputs are computed by `pipeline.mlprogram_numpy` (the NumPy ML Pr
 package alone; the spec check reads the image scale and bias from the program's own first operations.
 
 Compressed weights (per-channel int8, 8- or 6-bit k-means palettes, or int8 with the largest weights in 6-bit
-palettes, sized to a quarter of the fp32 program) are applied by coremltools.optimize.coreml
-to a program computing in fp16, and each op's bias is then corrected for the mean shift its compressed weights
-cause, on calibration (training) images (pipeline.bias_correction). They are stored in constexpr ops, which Core ML runs from iOS 16 / macOS 13
-(Core ML spec 7), so those programs are converted for iOS 16; fp16 and fp32 programs stay at iOS 15.
+palettes, sized to a quarter of the fp32 program) are applied by coremltools.optimize.coreml to a program
+computing in fp16, and each op's bias is then corrected for the mean shift its compressed weights cause, on
+calibration (training) images (pipeline.bias_correction). They are stored in constexpr ops, which Core ML runs
+from iOS 16 / macOS 13 (Core ML spec 7), so those programs are converted for iOS 16; fp16 and fp32 programs
+stay at iOS 15.
 """
 from __future__ import annotations
 
@@ -80,8 +81,8 @@ def export(model, meta, path, precision="fp16", calibration=None):
     """Write `model` as an ML Program `.mlpackage` folder at `path`.
 
     precision: fp16 or fp32 (weights and computation), or int8 / palette8 / palette6 / mixed (fp16 computation
-    with compressed weights, see `compress`; iOS 16+; their biases corrected on `calibration`: raw RGB training images (N, size,
-    size, 3, 0-255), see pipeline.bias_correction).
+    with compressed weights, see `compress`; iOS 16+), their biases corrected on `calibration`: raw RGB training
+    images (N, size, size, 3, 0-255), see pipeline.bias_correction.
     """
     import coremltools as ct
 
