@@ -19,11 +19,13 @@ import numpy as np
 _WEIGHTED = ("conv", "linear")
 
 
-def input_means(reference, pixels, batch_size=16):
+def input_means(reference, pixels, batch_size=None):
     """{op name: the channel means of its input} for each conv/linear op of the `reference` program (a
-    `pipeline.mlprogram_numpy` Package or anything it reads), over `pixels` (raw RGB, 0-255)."""
+    `pipeline.mlprogram_numpy` Package or anything it reads), over `pixels` (raw RGB, 0-255), a batch of
+    `batch_size` (default the checker's own) at a time, so that only one batch's activations are held."""
     from pipeline import mlprogram_numpy
 
+    batch_size = batch_size or mlprogram_numpy.BATCH
     package = mlprogram_numpy.read(reference)
     ops = [op for op in package.function.operations if op.op_type in _WEIGHTED]
     names = sorted({op.inputs["x"].name for op in ops})

@@ -3,9 +3,8 @@ while this process computes the Keras reference and checks each file as soon as 
 
 Converting is mostly one core's work (coremltools' Python passes, tf2onnx, the TFLite converter: 25 s for the
 default list on snacks, 60-130 s with the compressed ML Programs), and so is much of checking a file; on two
-cores the two overlap. The worker is a
-spawned process (the start method macOS uses anyway), which loads the model from the same file this process
-loaded, so what it converts is what the checks measure against. With `in_worker` off every file is converted
+cores the two overlap. The worker is a spawned process (the start method macOS uses anyway), which loads the
+model from the same file this process loaded, so what it converts is what the checks measure against. With `in_worker` off every file is converted
 here instead, each when it is first waited for.
 """
 from __future__ import annotations

@@ -41,6 +41,13 @@ def settings(calibration_images):
     return config.from_dict({"model": {"image_size": 32}, "export": {"calibration_images": calibration_images}})
 
 
+def converted(cfg, ingest, files):
+    """The conversions' summary after writing `files` in this process, as the stage would."""
+    with export.start_conversions(cfg, {"ingest": ingest}, None, None, files, in_worker=False) as conversions:
+        conversions.wait_all()
+    return conversions.summary()
+
+
 def test_calibration_images_are_training_images_spread_over_classes(ingest):
     chosen = export.calibration_rows(ingest, settings(7))
     assert {r["split"] for r in chosen} == {"train"}
@@ -63,7 +70,7 @@ def test_the_exporter_gets_the_pixels_of_training_images_and_never_a_test_image(
     monkeypatch.setattr(module, "export", lambda model, meta, path, precision, calibration=None:
                         given.update(precision=precision, calibration=calibration))
     cfg = settings(6)
-    exported = export.export_files(cfg, {"ingest": ingest}, None, None, {"tflite-int8-full": tmp_path / "m.tflite"})
+    exported = converted(cfg, ingest, {"tflite-int8-full": tmp_path / "m.tflite"})
     assert given["precision"] == "int8-full" and set(exported["convert"]) == {"tflite-int8-full"}
     colours = {tuple(int(v) for v in image[0, 0]) for image in given["calibration"]}
     assert given["calibration"].shape == (6, 32, 32, 3) and given["calibration"].dtype == np.float32
@@ -76,7 +83,7 @@ def test_formats_without_calibration_read_no_calibration_images(ingest, tmp_path
     module = FORMATS["tflite"].exporter()
     monkeypatch.setattr(module, "export", lambda model, meta, path, precision: None)
     monkeypatch.setattr(export, "calibration_pixels", lambda *a: pytest.fail("read calibration images"))
-    exported = export.export_files(settings(6), {"ingest": ingest}, None, None, {"tflite": tmp_path / "m.tflite"})
+    exported = converted(settings(6), ingest, {"tflite": tmp_path / "m.tflite"})
     assert exported["calibration_images"] == 0
 
 

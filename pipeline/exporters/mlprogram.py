@@ -66,13 +66,14 @@ def quarter_size_palette6(mlmodel, threshold=2048):
     for op in consts:
         value = op.outputs[0].val
         cost[op.name] = value.size + 2 * value.shape[0] if value.size >= threshold else 2 * value.size
-    budget = QUARTER_MARGIN * fp32 / 4
+    size, budget = spec + sum(cost.values()), QUARTER_MARGIN * fp32 / 4
     chosen = []
     for op in sorted((op for op in consts if op.name in weights and op.outputs[0].val.size >= threshold),
                      key=lambda op: (-op.outputs[0].val.size, op.name)):
-        if spec + sum(cost.values()) <= budget:
+        if size <= budget:
             break
-        cost[op.name] = int(np.ceil(0.75 * op.outputs[0].val.size)) + 64 * 2
+        six_bit = int(np.ceil(0.75 * op.outputs[0].val.size)) + 64 * 2
+        size += six_bit - cost[op.name]
         chosen.append(op.name)
     return chosen
 

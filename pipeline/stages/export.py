@@ -119,39 +119,32 @@ def parity(cfg, inputs, files, model=None, meta=None, ready=None):
     return rows
 
 
-def export_files(cfg, inputs, model, meta, files):
-    """Write every file of `files` ({format: path}) here, one after another; return Conversions.summary():
-    {"calibration_images": seconds spent loading them, "convert": {format: seconds}}. Calibration images are
-    loaded only when a format needs them."""
-    with Conversions(model, None, meta, files, _calibration(cfg, inputs, files), in_worker=False) as conversions:
-        conversions.wait_all()
-    return conversions.summary()
+def start_conversions(cfg, inputs, model, meta, files, in_worker=None):
+    """The Conversions (pipeline.conversions) writing every file of `files` ({format: path}) of the fine-tuned
+    model: in a worker process if `in_worker` (default export.convert_in_worker) is set, which loads the model
+    from the finetune stage's file, else here. Calibration images are loaded only when a format needs them."""
+    in_worker = cfg.export.convert_in_worker if in_worker is None else in_worker
+    calibration = (functools.partial(calibration_pixels, inputs["ingest"], cfg)  # picklable, for the worker
+                   if any(FORMATS[name].calibrated for name in files) else None)
+    return Conversions(model, inputs["finetune"].model if in_worker else None, meta, files, calibration, in_worker)
 
 
 def export_and_check(cfg, inputs, model, meta, files):
-    """Write every file of `files` and measure each against Keras: (export_files' summary, parity rows).
+    """Write every file of `files` and measure each against Keras: (the conversions' summary, parity rows).
 
     With export.convert_in_worker the files are converted in a worker process while this one computes the
-    Keras reference and checks each file as soon as it is written (pipeline.conversions); otherwise here,
-    each just before its check. The summary's "elapsed" is the wall time of it all.
+    Keras reference and checks each file as soon as it is written; otherwise here, each just before its check.
+    The summary's "elapsed" is the wall time of it all.
     """
     t0 = time.monotonic()
     allocator.keep_freed_memory()
-    with Conversions(model, inputs["finetune"].model, meta, files, _calibration(cfg, inputs, files),
-                     in_worker=cfg.export.convert_in_worker) as conversions:
+    with start_conversions(cfg, inputs, model, meta, files) as conversions:
         rows = parity(cfg, inputs, files, model, meta, ready=conversions.wait)
     return {**conversions.summary(), "elapsed": round(time.monotonic() - t0, 2)}, rows
 
 
-def _calibration(cfg, inputs, files):
-    """The function loading the calibration pixels (picklable, for the worker), or None if no format needs them."""
-    if not any(FORMATS[name].calibrated for name in files):
-        return None
-    return functools.partial(calibration_pixels, inputs["ingest"], cfg)
-
-
 def time_breakdown(exported, rows):
-    """Where the export's time went, in seconds, from export_files' result and the parity rows' timings.
+    """Where the export's time went, in seconds, from export_and_check's summary and the parity rows' timings.
 
     Returns {"calibration_images": reading them, "check_images": reading the test images, "keras_reference":
     computing Keras's probabilities, "convert": {format: converting}, "check": {row format: spec check, loading
