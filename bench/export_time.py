@@ -19,10 +19,11 @@ from pathlib import Path
 import yaml
 
 import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
-from pipeline import config, fileio, models
+from pipeline import config, fileio
+from pipeline.train import models
 from pipeline.catalog import Catalog, ExportFiles
-from pipeline.exporters import FORMATS
-from pipeline.parity import table
+from pipeline.export.formats import FORMATS
+from pipeline.export.parity import table
 from pipeline.stages import export
 
 

@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 
 import pipeline  # noqa: F401  (selects tf-keras)
-from pipeline import config, models
-from pipeline.augmentation import split_batches
+from pipeline import config
+from pipeline.train import models
+from pipeline.data.augmentation import split_batches
 from pipeline.catalog import Catalog
 from pipeline.runner import Runner
 

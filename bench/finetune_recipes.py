@@ -6,7 +6,7 @@ ARTIFACTS is a pipeline artifacts folder where ingest, augment and train-head ha
 `finetune.unfreeze_from` is the cut point). The activations at the cut are computed once for the original,
 mirrored and up to K augmented views of every training image (K = the most any recipe uses), and for val,
 test and mirrored test; each recipe then starts from train-head's model and trains on a prefix of that bank
-with the pipeline's own code (pipeline.activations, pipeline.models, pipeline.training). RECIPES.yaml maps
+with the pipeline's own code (pipeline.train.activations, pipeline.train.models, pipeline.train.training). RECIPES.yaml maps
 recipe names to finetune overrides (any FinetuneConfig key; `augmented_views` picks the bank prefix).
 Each recipe's test top-1 (plain and flip TTA), macro F1, validation accuracy, epochs and minutes go to OUT.
 """
@@ -22,9 +22,10 @@ import numpy as np
 import yaml
 
 import pipeline  # noqa: F401
-from pipeline import config, models, training
-from pipeline.activations import CachedBatches, cache_split, cache_views, view_specs, write_outputs
-from pipeline.augmentation import split_batches
+from pipeline import config
+from pipeline.train import models, training
+from pipeline.train.activations import CachedBatches, cache_split, cache_views, view_specs, write_outputs
+from pipeline.data.augmentation import split_batches
 from pipeline.catalog import Catalog, TrainFiles
 from pipeline.stages.evaluate import metrics
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 import pipeline  # noqa: F401
-from pipeline import models
+from pipeline.train import models
 from pipeline.config import ModelConfig
 
 

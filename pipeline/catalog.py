@@ -7,10 +7,10 @@ folder while the stage runs and swap it into place when the stage succeeds.
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 
 from pipeline import fileio
+from pipeline.export.formats import FORMATS
 
 MANIFEST = "manifest.json"
 RESOLVED_CONFIG = "config.yaml"
@@ -57,19 +57,6 @@ class IngestFiles(StageFiles):
             return [row for row in csv.DictReader(f) if split is None or row["split"] == split]
 
 
-def class_indices(rows, classes):
-    """Each row's class as its index in `classes` (the output order of every model); an unknown label is an error."""
-    import numpy as np
-
-    from pipeline.errors import DataError
-
-    index = {label: i for i, label in enumerate(classes)}
-    unknown = sorted({row["label"] for row in rows} - set(index))
-    if unknown:
-        raise DataError(f"labels {unknown} are not in the class list {list(classes)}: rerun ingest")
-    return np.array([index[row["label"]] for row in rows], dtype=int)
-
-
 class AugmentFiles(StageFiles):
     """augment: the resolved ImageDataGenerator settings and a preview grid."""
 
@@ -110,9 +97,7 @@ class ExportFiles(StageFiles):
     parity = property(lambda self: self.root / "parity.md")
 
     def model(self, name, format_name):
-        """The exported file of format `format_name` (a key of pipeline.exporters.FORMATS) for model `name`."""
-        from pipeline.exporters import FORMATS
-
+        """The exported file of format `format_name` (a key of pipeline.export.formats.FORMATS) for model `name`."""
         return self.root / f"{name}{FORMATS[format_name].suffix}"
 
     def write_labels(self, labels):
@@ -122,6 +107,36 @@ class ExportFiles(StageFiles):
     def read_labels(self):
         """The labels shipped beside the exported files."""
         return self.labels.read_text(encoding="utf-8").splitlines()
+
+
+class SweepFiles:
+    """A sweep's folder: one artifacts folder per combination, the results table, the curves and the best config."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+
+    table = property(lambda self: self.root / "sweep.csv")
+    curves = property(lambda self: self.root / "sweep.png")
+    best_config = property(lambda self: self.root / "best.yaml")
+
+    def run(self, number, slug):
+        """The artifacts folder of combination `number` (from 1), named also by `slug`, its values in short."""
+        return self.root / "runs" / f"{number:02d}-{slug}"
+
+
+class FeatureFiles:
+    """A feature store entry of train-head's cached features: per split, the features and each row's class index."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+
+    def features(self, split):
+        """The (rows, features) array of `split` (`train`: every view of every image, view-major)."""
+        return self.root / f"{split}.npy"
+
+    def labels(self, split):
+        """The class index of each row of `split`'s features."""
+        return self.root / f"{split}-labels.npy"
 
 
 STAGE_FILES = {
@@ -151,14 +166,14 @@ class Catalog:
 
     @property
     def feature_store(self):
-        """Where computed features are kept between runs, one folder per key (pipeline.feature_store)."""
+        """Where computed features are kept between runs, one folder per key (pipeline.cache.feature_store)."""
         return self.root / "feature-store"
+
+    @property
+    def sweep(self):
+        """The files of a sweep run on this artifacts folder."""
+        return SweepFiles(self.root / "sweep")
 
     def scratch(self, name):
         """The root for a stage's temporary folders while it runs."""
         return self.root / f".{name}.tmp"
-
-
-def keras_home():
-    """Keras's own cache folder (datasets/ and models/ beneath it): $KERAS_HOME, else ~/.keras."""
-    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras"))

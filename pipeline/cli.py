@@ -7,10 +7,12 @@ import sys
 import click
 
 from pipeline import config as config_module
-from pipeline import digits, predict, quiet, sweep
+from pipeline import predict, quiet, sweep
+from pipeline.data import digits
 from pipeline.catalog import Catalog
+from pipeline.environment import WEIGHTS_DIR_ENV
 from pipeline.errors import PipelineError
-from pipeline.parity import table
+from pipeline.export.parity import table
 from pipeline.predict import RUNNABLE
 from pipeline.stages import export as export_stage
 from pipeline.runner import Runner, stage_names
@@ -28,7 +30,7 @@ log = logging.getLogger("pipeline")
               help="Folder for every stage's outputs and cache manifests.")
 @click.option("--weights-dir", type=click.Path(file_okay=False), default=None,
               help="Folder of Keras weight files to use before Keras's cache and download (overrides "
-                   f"model.weights_dir, whose default is ${config_module.WEIGHTS_DIR_ENV}).")
+                   f"model.weights_dir, whose default is ${WEIGHTS_DIR_ENV}).")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Override one config value, validated like the file's (repeatable): --set finetune.epochs=5.")
 @click.option("--force", is_flag=True, help="Rerun the named stages even if they are fresh.")

@@ -51,7 +51,7 @@ def direct_imports(module):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             target = _resolve_relative(module, node.level, node.module) if node.level else node.module
-            # `from pipeline import models` imports the submodule pipeline.models if there is one
+            # `from pipeline import models` imports the submodule pipeline.train.models if there is one
             names = [target] + [f"{target}.{alias.name}" for alias in node.names]
         else:
             continue

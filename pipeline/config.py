@@ -14,10 +14,12 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.backbones import BACKBONES
+from pipeline.environment import WEIGHTS_DIR_ENV
 from pipeline.errors import ConfigError
+from pipeline.export.formats import FORMATS
 
 DEFAULT_CONFIG = Path("configs/multisnacks.yaml")
-WEIGHTS_DIR_ENV = "MULTISNACKS_WEIGHTS_DIR"
 
 
 @dataclass(frozen=True)
@@ -106,9 +108,9 @@ class AugmentConfig:
 class ModelConfig:
     """The network: a frozen ImageNet backbone under GlobalAveragePooling -> Dropout -> Dense(L2) -> softmax.
 
-    backbone: a name from pipeline.backbones.BACKBONES: ImageNet networks (mobilenet, mobilenet_v2,
-        efficientnet_lite0, resnet50), or small networks trained from scratch (mynet, smallcnn; model.weights
-        null, train_head.features live, and usually finetune.epochs 0).
+    backbone: a name from pipeline.backbones.BACKBONES: ImageNet networks (efficientnet_lite0, efficientnet_lite1,
+        efficientnet_lite2, mobilenet, mobilenet_v2, resnet50), or small networks trained from scratch (mynet,
+        smallcnn; model.weights null, train_head.features live, and finetune.epochs 0).
     alpha: the width multiplier, one the backbone offers (MobileNet v1: 0.25, 0.5, 0.75, 1.0); null = the
         backbone's default (MobileNet v1: 0.75).
     image_size: the square input size in pixels, also the exported models' input size.
@@ -119,9 +121,9 @@ class ModelConfig:
     dropout, l2: the head's dropout rate and the Dense layer's L2 factor.
     """
 
-    backbone: str = "mobilenet"
+    backbone: str = "efficientnet_lite0"
     alpha: float | None = None
-    image_size: int = 224
+    image_size: int = 256
     weights: typing.Literal["imagenet"] | None = "imagenet"
     weights_dir: str | None = field(default_factory=lambda: os.environ.get(WEIGHTS_DIR_ENV) or None,
                                     metadata={"cache_key": False})
@@ -129,8 +131,6 @@ class ModelConfig:
     l2: float = 0.001
 
     def validate(self):
-        from pipeline.backbones import BACKBONES
-
         _check("model.backbone", self.backbone, self.backbone in BACKBONES, f"one of {sorted(BACKBONES)}")
         spec = BACKBONES[self.backbone]
         _check("model.alpha", self.alpha, self.alpha is None or self.alpha in spec.alphas,
@@ -218,7 +218,9 @@ class TrainingConfig:
 
 @dataclass(frozen=True)
 class TrainHeadConfig(TrainingConfig):
-    """Training the new head on the frozen backbone (the book: Adam 1e-3, batch 64, up to 10 epochs).
+    """Training the new head on the frozen backbone. The defaults are the default recipe's: up to 40 epochs of
+    Adam at 1e-3 on cached features of each image and its mirror (configs/book.yaml has the book's: 10 epochs,
+    live augmentation).
 
     features: `live` augments every epoch through the whole network (the book); `cached` computes the
         frozen backbone's pooled features once for fixed views of each training image and trains the head
@@ -226,17 +228,20 @@ class TrainHeadConfig(TrainingConfig):
     """
 
     SECTION: typing.ClassVar[str] = "train_head"
-    features: typing.Literal["live", "cached"] = "live"
+    epochs: int = 40
+    patience: int = 8
+    features: typing.Literal["live", "cached"] = "cached"
 
 
 @dataclass(frozen=True)
 class FinetuneConfig(TrainingConfig):
-    """Fine-tuning the whole network, or its top blocks, at a lower learning rate.
+    """Fine-tuning the whole network, or its top blocks, at a lower learning rate. The defaults are the default
+    recipe's: EfficientNet-Lite0's blocks 6a-7a and top trained on cached block-6a inputs, at most 30 minutes.
 
     epochs: 0 skips fine-tuning (the head model is passed on unchanged).
-    unfreeze_from: `all` unfreezes the whole backbone; a cut point of the backbone (pipeline.backbones:
-        MobileNet v1 `block1`-`block13`, EfficientNet-Lite0 `block1a`-`block7a` and `top`, MobileNet v2
-        `block_0`-`block_16` and `top`) unfreezes the layers from there on.
+    unfreeze_from: `all` unfreezes the whole backbone; a cut point of the backbone (its registry entry in
+        pipeline.backbones: EfficientNet-Lite `block1a`... and `top`, MobileNet v1 `block1`-`block13`, MobileNet v2
+        `block_0`-`block_16` and `top`) unfreezes the layers from there on. Not checked when epochs is 0.
     freeze_batchnorm: keep BatchNormalization layers' scale and offset fixed too (their statistics never
         change: the backbone always runs in inference mode).
     inputs: `live` feeds freshly augmented images every epoch (the book); `cached` computes the activations
@@ -246,17 +251,21 @@ class FinetuneConfig(TrainingConfig):
     """
 
     SECTION: typing.ClassVar[str] = "finetune"
-    epochs: int = 20
+    epochs: int = 10
+    batch_size: int = 32
     learning_rate: float = 1e-4
     schedule: typing.Literal["constant", "plateau", "cosine"] = "plateau"
-    patience: int = 5
-    unfreeze_from: str = "all"
-    freeze_batchnorm: bool = False
-    inputs: typing.Literal["live", "cached"] = "live"
+    lr_patience: int = 1
+    patience: int = 3
+    max_minutes: float | None = 30
+    augmented_views: int = 1
+    unfreeze_from: str = "block6a"
+    freeze_batchnorm: bool = True
+    inputs: typing.Literal["live", "cached"] = "cached"
 
     def validate(self):
         super().validate()
-        if self.inputs == "cached":
+        if self.inputs == "cached" and self.epochs > 0:
             _check("finetune.unfreeze_from", self.unfreeze_from, self.unfreeze_from != "all",
                    "a cut point of the backbone with finetune.inputs: cached (the layers below it stay frozen)")
             _check("finetune.freeze_batchnorm", self.freeze_batchnorm, self.freeze_batchnorm,
@@ -285,8 +294,6 @@ class EvaluateConfig:
 
 
 def _default_formats():
-    from pipeline.exporters import FORMATS
-
     return [name for name, fmt in FORMATS.items() if fmt.default]
 
 
@@ -294,7 +301,7 @@ def _default_formats():
 class ExportConfig:
     """The exported models and what they say about themselves.
 
-    formats: any of the names in pipeline.exporters.FORMATS; by default those whose `default` is set there
+    formats: any of the names in pipeline.export.formats.FORMATS; by default those whose `default` is set there
         (not the 8-bit, palettized, fp32 ML Program or full-integer variants, exported only when named).
     check_images: how many test images each export is checked on against Keras; null = all.
     calibration_images: how many training images (never val or test ones) calibrate the formats that need it
@@ -325,8 +332,6 @@ class ExportConfig:
     convert_in_worker: bool = True
 
     def validate(self):
-        from pipeline.exporters import FORMATS
-
         _check("export.name", self.name, bool(self.name) and self.name.replace("_", "").replace("-", "").isalnum(),
                "letters, digits, '-' and '_'")
         for fmt in self.formats:
@@ -360,16 +365,15 @@ class Config:
 
     def validate(self):
         """Checks that involve more than one section."""
-        from pipeline.backbones import BACKBONES
-
         spec = BACKBONES[self.model.backbone]
         _check("train_head.features", self.train_head.features,
                self.train_head.features == "live" or not spec.from_scratch,
                f"live for backbone {self.model.backbone}, which trains whole in train-head (no frozen features)")
         cuts = spec.cut_points
-        _check("finetune.unfreeze_from", self.finetune.unfreeze_from,
-               self.finetune.unfreeze_from == "all" or self.finetune.unfreeze_from in cuts,
-               f"'all' or a cut point of {self.model.backbone}: {', '.join(cuts)}")
+        if self.finetune.epochs > 0:  # with 0 epochs there is no fine-tuning, so no cut point to check
+            _check("finetune.unfreeze_from", self.finetune.unfreeze_from,
+                   self.finetune.unfreeze_from == "all" or self.finetune.unfreeze_from in cuts,
+                   f"'all' or a cut point of {self.model.backbone}: {', '.join(cuts) or 'none'}")
 
     def section(self, name):
         """The dict of one section's resolved values."""

@@ -7,7 +7,6 @@ import logging
 import os
 import shutil
 import time
-import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -15,9 +14,10 @@ from pathlib import Path
 import yaml
 
 from pipeline import code_deps, fileio
+from pipeline.cache.sealed_folder import SealedFolder, first_difference
 from pipeline.catalog import MANIFEST, Catalog
 from pipeline.errors import ArtifactsError
-from pipeline.feature_store import FeatureStore
+from pipeline.cache.feature_store import FeatureStore
 from pipeline.stages import STAGES, upstream_closure
 
 log = logging.getLogger("pipeline")
@@ -27,7 +27,7 @@ log = logging.getLogger("pipeline")
 class StageContext:
     """What a stage function gets: the config, its upstream stages' files, its own output files, the folder
     where dataset archives are unpacked (ingest's; it outlives any one run), the stage's cache key (its config,
-    code and inputs digests) and the store of features kept between runs (pipeline.feature_store)."""
+    code and inputs digests) and the store of features kept between runs (pipeline.cache.feature_store)."""
 
     cfg: object
     inputs: dict
@@ -98,15 +98,9 @@ class Runner:
         if manifest is None:
             return Freshness("never run", ["never run"], key, None)
         reasons = [f"{part} changed" for part in ("config", "code", "inputs") if manifest["key"].get(part) != key[part]]
-        root = self.catalog.stage(stage.name).root
-        for rel, digest in manifest["outputs"].items():
-            path = root / rel
-            if not path.is_file():
-                reasons.append(f"output {rel} missing")
-                break
-            if fileio.sha256_file(path) != digest:
-                reasons.append(f"output {rel} modified")
-                break
+        difference = first_difference(self.catalog.stage(stage.name).root, manifest["outputs"])
+        if difference:
+            reasons.append(f"output {difference}")
         return Freshness("stale" if reasons else "fresh", reasons, key, manifest)
 
     # -- running ------------------------------------------------------------------------------------
@@ -130,33 +124,26 @@ class Runner:
         module = importlib.import_module(stage.module)
         scratch = self.catalog.scratch(stage.name)
         shutil.rmtree(scratch, ignore_errors=True)  # leftovers of an interrupted run
-        tmp = scratch / uuid.uuid4().hex
-        _make_scratch(tmp, self.catalog.stage(stage.name).root, self.catalog.root)
-        out = self.catalog.stage(stage.name, tmp)
+        final = self.catalog.stage(stage.name).root
+        sealed = SealedFolder(final, scratch, MANIFEST, "outputs")
+        _make_scratch(sealed.path, final, self.catalog.root)
         inputs = {name: self.catalog.stage(name) for name in stage.upstream}
         started = datetime.now(timezone.utc)
         t0 = time.monotonic()
         try:
-            summary = module.run(StageContext(self.cfg, inputs, out, self.catalog.sources, key, self.store)) or {}
-            duration = time.monotonic() - t0
-            resolved = self.cfg.resolved(stage.sections)
-            fileio.write_text(out.resolved_config, yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
-            outputs = {
-                str(p.relative_to(tmp)): fileio.sha256_file(p)
-                for p in sorted(tmp.rglob("*")) if p.is_file() and p.name != MANIFEST
-            }
-            manifest = {
-                "stage": stage.name, "key": key, "outputs": outputs, "summary": summary,
-                "started": started.isoformat(timespec="seconds"),
-                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "duration_s": round(duration, 2),
-            }
-            fileio.write_json(out.manifest, manifest)  # last: a folder without it is never fresh
-            final = self.catalog.stage(stage.name).root
-            if final.exists():
-                old = scratch / f"old-{uuid.uuid4().hex}"
-                final.rename(old)
-            tmp.rename(final)
+            with sealed as folder:
+                out = self.catalog.stage(stage.name, folder.path)
+                context = StageContext(self.cfg, inputs, out, self.catalog.sources, key, self.store)
+                summary = module.run(context) or {}
+                duration = time.monotonic() - t0
+                resolved = self.cfg.resolved(stage.sections)
+                fileio.write_text(out.resolved_config, yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
+                manifest = folder.seal({
+                    "stage": stage.name, "key": key, "summary": summary,
+                    "started": started.isoformat(timespec="seconds"),
+                    "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "duration_s": round(duration, 2),
+                })
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         log.info("%-10s done in %s: %s", stage.name, _duration(duration), summary.get("message", ""))
@@ -193,7 +180,7 @@ def _make_scratch(tmp, final, artifacts):
         tmp.mkdir(parents=True)
     except OSError as exc:
         raise ArtifactsError(f"artifacts folder '{Path(artifacts).absolute()}' is not writable ({exc}); pass "
-                          "--artifacts to a writable folder or fix its permissions") from exc
+                             "--artifacts to a writable folder or fix its permissions") from exc
 
 
 def _duration(seconds):

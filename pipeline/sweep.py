@@ -23,16 +23,16 @@ from pathlib import Path
 import yaml
 
 from pipeline import fileio
-from pipeline.catalog import Catalog
+from pipeline.cache.sealed_folder import SealedFolder, first_difference, read_manifest
+from pipeline.catalog import MANIFEST, Catalog
 from pipeline.errors import ConfigError
-from pipeline.report import plot_overlaid_curves
+from pipeline.reporting.report import plot_overlaid_curves
 from pipeline.runner import Runner
 from pipeline.stages import STAGES, upstream_closure
 
 log = logging.getLogger("pipeline.sweep")
 
 TRAINING_STAGES = ("train-head", "finetune")
-_SECTION = {"train-head": "train_head", "finetune": "finetune"}
 
 
 def parse_grid(items):
@@ -76,28 +76,39 @@ def _link_or_copy(src, dst):
 
 def reuse(runner, stages, donors):
     """Hard-link into `runner`'s artifacts each stage of `stages` (in order) that is not fresh there but whose
-    manifest in one of the `donors` folders has the very cache key it would have here. Returns what was reused."""
+    manifest in one of the `donors` folders has the very cache key it would have here, and whose files are those
+    the manifest records. Returns what was reused."""
     reused = []
     for stage in stages:
         if runner.freshness(stage).state == "fresh":
             continue
         key = runner.key(stage)
         for donor in donors:
-            source = Catalog(donor).stage(stage.name)
-            try:
-                manifest = fileio.read_json(source.manifest)
-            except (OSError, ValueError):
-                continue
-            if manifest.get("key") == key:
-                target = runner.catalog.stage(stage.name).root
-                staging = target.with_name(f".{target.name}.reuse")
-                shutil.rmtree(staging, ignore_errors=True)
-                shutil.copytree(source.root, staging, copy_function=_link_or_copy)
-                shutil.rmtree(target, ignore_errors=True)
-                staging.rename(target)
+            if _link_stage(Catalog(donor).stage(stage.name), runner.catalog, stage.name, key):
                 reused.append(stage.name)
                 break
     return reused
+
+
+def _link_stage(source, catalog, name, key):
+    """Link the sealed stage folder `source` into `catalog` as stage `name` if its manifest has cache key `key`
+    and its files are intact. Returns whether it did."""
+    try:
+        manifest = read_manifest(source.root, MANIFEST, "outputs")
+    except (OSError, ValueError):
+        return False
+    if manifest is None or manifest.get("key") != key:
+        return False
+    scratch = catalog.scratch(name)
+    try:
+        with SealedFolder(catalog.stage(name).root, scratch, MANIFEST, "outputs") as folder:
+            shutil.copytree(source.root, folder.path, copy_function=_link_or_copy, dirs_exist_ok=True,
+                            ignore=lambda d, names: [MANIFEST] if Path(d) == source.root else [])
+            if first_difference(folder.path, manifest["outputs"]) is None:
+                folder.seal({k: v for k, v in manifest.items() if k != "outputs"})
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return folder.sealed is not None
 
 
 def run(make_config, artifacts, grid, until="finetune", sample=None, seed=0):
@@ -112,14 +123,14 @@ def run(make_config, artifacts, grid, until="finetune", sample=None, seed=0):
     combos = combinations(grid, sample, seed)
     for combo in combos:  # every configuration is checked before anything runs
         make_config(combo)
-    folder = Path(artifacts) / "sweep"
+    sweep_files = Catalog(artifacts).sweep
     stages = upstream_closure([until])
     donors = [Path(artifacts)]
     rows, curves = [], {}
     for n, combo in enumerate(combos, 1):
         label = ", ".join(f"{k}={v}" for k, v in combo.items())
         log.info("sweep %d/%d: %s", n, len(combos), label)
-        trial = folder / "runs" / f"{n:02d}-{_slug(combo)}"
+        trial = sweep_files.run(n, _slug(combo))
         runner = Runner(make_config(combo), trial, store=Catalog(artifacts).feature_store)
         reused = reuse(runner, stages, donors)
         if reused:
@@ -134,10 +145,10 @@ def run(make_config, artifacts, grid, until="finetune", sample=None, seed=0):
         curves[label] = _history(files.history)
         donors.append(trial)
     best = max(rows, key=lambda r: (r["val_accuracy"], -r["val_loss"]))
-    fileio.write_csv(folder / "sweep.csv", list(rows[0]), rows)
-    plot_overlaid_curves(curves, folder / "sweep.png", f"{until}: validation curves of each combination")
+    fileio.write_csv(sweep_files.table, list(rows[0]), rows)
+    plot_overlaid_curves(curves, sweep_files.curves, f"{until}: validation curves of each combination")
     best_cfg = make_config({k: best[k] for k in grid})
-    best_path = folder / "best.yaml"
+    best_path = sweep_files.best_config
     fileio.write_text(best_path, yaml.safe_dump({s: best_cfg.section(s) for s in _sections(best_cfg)},
                                                 sort_keys=False, allow_unicode=True))
     log.info("sweep best: %s (val accuracy %.4f) -> %s", ", ".join(f"{k}={best[k]}" for k in grid),

@@ -4,8 +4,8 @@ from __future__ import annotations
 import os
 import zlib
 
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import pipeline  # noqa: E402,F401  (sets the library environment, as for every process of the pipeline)
 
 from pathlib import Path  # noqa: E402
 
@@ -180,3 +180,23 @@ def calibrate_batchnorm(base, images):
         inputs = keras.Model(base.input, layer.input)(images, training=False).numpy()
         gamma, beta = layer.get_weights()[:2]
         layer.set_weights([gamma, beta, inputs.mean(axis=(0, 1, 2)), inputs.var(axis=(0, 1, 2)) + 1e-3])
+
+
+def backbones_to_export():
+    """The registry's backbones that the every-backbone export tests convert: all but EfficientNet-Lite1, whose
+    block layout is Lite2's (the same depth) with Lite0's widths, both of which those tests cover."""
+    from pipeline.backbones import BACKBONES
+
+    return [name for name in sorted(BACKBONES) if name != "efficientnet_lite1"]
+
+
+def smoke_cfg(world, **sections):
+    """The smoke config on the world's dataset, with whole sections replaced by `sections` if given."""
+    from pipeline import config
+
+    cfg = config.load(SMOKE_CONFIG, data=world["data"])
+    if not sections:
+        return cfg
+    raw = {name: cfg.section(name) for name in ("data", "ingest", "augment", "model", "train_head", "finetune",
+                                                 "evaluate", "export")}
+    return config.from_dict({**raw, **sections, "data": {"path": str(world["data"])}})

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from pipeline.activations import ArrayFile, CachedBatches, view_specs, write_outputs
+from pipeline.train.activations import ArrayFile, CachedBatches, view_specs, write_outputs
 
 
 def test_array_file_reads_rows_in_any_order(tmp_path):

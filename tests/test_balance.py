@@ -1,8 +1,8 @@
 """Class weights and oversampling, against their definitions; and both reaching training."""
 import numpy as np
 
-from pipeline import balance
-from pipeline.activations import CachedBatches
+from pipeline.data import balance
+from pipeline.train.activations import CachedBatches
 
 
 def test_balanced_weights_are_scikit_learns():

@@ -3,8 +3,10 @@ ML Program, the corrected conv's mean output over the calibration images back on
 import numpy as np
 import pytest
 
-from pipeline import bias_correction, mlprogram_numpy
-from pipeline.exporters import ExportMeta, mlprogram
+from pipeline.checkers import mlprogram_numpy
+from pipeline.export import bias_correction
+from pipeline.export import mlprogram
+from pipeline.export.meta import ExportMeta
 
 SIZE = 8
 

@@ -4,7 +4,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_runner import smoke_cfg
+from conftest import smoke_cfg
 
 from pipeline import code_deps
 from pipeline.runner import Runner
@@ -51,17 +51,17 @@ def _stages_importing(module):
 
 def test_each_stage_covers_what_its_hand_written_list_missed():
     assert "pipeline.backbones" in BY_NAME["finetune"].code_modules()
-    assert {"pipeline.models", "pipeline.training"} <= set(BY_NAME["evaluate"].code_modules())
+    assert {"pipeline.train.models", "pipeline.train.training"} <= set(BY_NAME["evaluate"].code_modules())
     assert "pipeline.backbones" in BY_NAME["export"].code_modules()
     for stage in STAGES:
         assert "pipeline.catalog" in stage.code_modules()  # the readers of every artifact live there
-    assert {"pipeline.coreml_numpy", "pipeline.exporters.onnx"} <= set(BY_NAME["export"].code_modules())
+    assert {"pipeline.checkers.coreml_numpy", "pipeline.export.onnx"} <= set(BY_NAME["export"].code_modules())
 
 
 def test_which_stages_an_edit_reaches():
-    assert _stages_importing("pipeline.parity") == {"export"}
+    assert _stages_importing("pipeline.export.parity") == {"export"}
     assert _stages_importing("pipeline.fileio") == {s.name for s in STAGES}
-    assert _stages_importing("pipeline.training") == {"train-head", "finetune", "evaluate"}
+    assert _stages_importing("pipeline.train.training") == {"train-head", "finetune", "evaluate"}
 
 
 def test_declared_config_sections_are_the_ones_each_stage_reads():
@@ -86,7 +86,7 @@ def test_declared_config_sections_are_the_ones_each_stage_reads():
             assert used == declared, (stage.name, section, used)
 
 
-@pytest.mark.parametrize("module, stale", [("pipeline.parity", {"export"}),
+@pytest.mark.parametrize("module, stale", [("pipeline.export.parity", {"export"}),
                                            ("pipeline.fileio", {s.name for s in STAGES})])
 def test_an_edited_module_makes_exactly_its_importers_stale(world, tmp_path, monkeypatch, module, stale):
     artifacts = tmp_path / "artifacts"
@@ -103,12 +103,12 @@ def test_an_edited_module_makes_exactly_its_importers_stale(world, tmp_path, mon
 
 
 def test_a_rerun_reruns_the_importers_and_only_what_their_new_bytes_reach(world, tmp_path, monkeypatch):
-    """pipeline.training is imported by train-head, finetune and evaluate. After an edit, all three rerun even
+    """pipeline.train.training is imported by train-head, finetune and evaluate. After an edit, all three rerun even
     where the stage above wrote identical bytes; ingest and augment do not; export (which does not import it)
     reruns exactly when finetune's model bytes changed."""
     artifacts = tmp_path / "artifacts"
     shutil.copytree(world["artifacts"], artifacts)
-    module = "pipeline.training"
+    module = "pipeline.train.training"
     assert _stages_importing(module) == {"train-head", "finetune", "evaluate"}
     before = (artifacts / "finetune" / "model.h5").read_bytes()
     edited = tmp_path / "edited.py"

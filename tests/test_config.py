@@ -4,17 +4,36 @@ from pathlib import Path
 import pytest
 
 from pipeline import config
+from pipeline.environment import WEIGHTS_DIR_ENV
 from pipeline.errors import ConfigError
-from pipeline.training import check_batch_size
+from pipeline.train.training import check_batch_size
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-@pytest.mark.parametrize("name", ["multisnacks.yaml", "book.yaml", "smoke.yaml", "mobilenet.yaml", "best.yaml"])
+@pytest.mark.parametrize("name", ["multisnacks.yaml", "book.yaml", "smoke.yaml", "mobilenet.yaml", "mynet.yaml",
+                                  "smallcnn.yaml"])
 def test_shipped_configs_load(name):
     cfg = config.load(CONFIGS / name)
-    assert cfg.model.backbone == {"multisnacks.yaml": "efficientnet_lite0", "best.yaml": "efficientnet_lite0"}.get(
-        name, "mobilenet")
+    assert cfg.model.backbone == {"multisnacks.yaml": "efficientnet_lite0", "mynet.yaml": "mynet",
+                                  "smallcnn.yaml": "smallcnn"}.get(name, "mobilenet")
+
+
+def test_the_default_config_file_is_the_dataclass_defaults():
+    """One source of defaults: configs/multisnacks.yaml (what `make all` runs) sets nothing the dataclasses do not."""
+    assert config.load(CONFIGS / "multisnacks.yaml") == config.from_dict({})
+    cfg = config.from_dict({})
+    assert (cfg.model.backbone, cfg.model.image_size) == ("efficientnet_lite0", 256)
+    assert (cfg.train_head.features, cfg.finetune.inputs, cfg.finetune.unfreeze_from) == ("cached", "cached", "block6a")
+
+
+def test_a_network_without_cut_points_needs_none_when_it_is_not_fine_tuned():
+    cfg = config.from_dict({"model": {"backbone": "mynet", "weights": None}, "train_head": {"features": "live"},
+                            "finetune": {"epochs": 0}})
+    assert cfg.finetune.epochs == 0
+    with pytest.raises(ConfigError, match="finetune.unfreeze_from.*a cut point of mynet: none"):
+        config.from_dict({"model": {"backbone": "mynet", "weights": None}, "train_head": {"features": "live"},
+                          "finetune": {"epochs": 1, "inputs": "live"}})
 
 
 def test_book_config_is_the_books_recipe():
@@ -25,8 +44,8 @@ def test_book_config_is_the_books_recipe():
 
 
 def test_missing_keys_take_defaults():
-    cfg = config.from_dict({"model": {"alpha": 0.5}})
-    assert cfg.model.alpha == 0.5
+    cfg = config.from_dict({"model": {"backbone": "mobilenet", "alpha": 0.5}, "finetune": {"unfreeze_from": "block7"}})
+    assert cfg.model.alpha == 0.5 and cfg.finetune.unfreeze_from == "block7"
     assert cfg.augment.rotation_range == 40 and cfg.augment.fill_mode == "nearest"
 
 
@@ -48,17 +67,18 @@ def test_data_override(tmp_path):
     ({"train_head": {"epochs": 2.5}}, ["train_head.epochs", "2.5", "an integer"]),
     ({"train_head": {"features": "sometimes"}}, ["train_head.features", "'live'", "'cached'"]),
     ({"ingest": {"on_bad_image": "ignore"}}, ["ingest.on_bad_image", "'skip'", "'fail'"]),
-    ({"model": {"alpha": 0.6}}, ["model.alpha", "0.6", "0.75"]),
+    ({"model": {"backbone": "mobilenet", "alpha": 0.6}}, ["model.alpha", "0.6", "0.75"]),
     ({"model": {"backbone": "efficientnet_lite0", "alpha": 0.75}}, ["model.alpha", "0.75", "[1.0]"]),
     ({"model": {"backbone": "resnet"}}, ["model.backbone", "'resnet'", "efficientnet_lite0"]),
-    ({"finetune": {"unfreeze_from": "block14"}}, ["finetune.unfreeze_from", "block14", "block13"]),
+    ({"model": {"backbone": "mobilenet"}, "finetune": {"unfreeze_from": "block14"}},
+     ["finetune.unfreeze_from", "block14", "block13"]),
     ({"finetune": {"unfreeze_from": 7}}, ["finetune.unfreeze_from", "7", "a string"]),
     ({"model": {"backbone": "efficientnet_lite0"}, "finetune": {"unfreeze_from": "block7"}},
      ["finetune.unfreeze_from", "block7", "block6a", "top"]),
     ({"train_head": {"schedule": "step"}}, ["train_head.schedule", "'cosine'"]),
     ({"finetune": {"warmup_epochs": 20}}, ["finetune.warmup_epochs", "20", "finetune.epochs"]),
     ({"finetune": {"label_smoothing": 1.0}}, ["finetune.label_smoothing", "[0, 1)"]),
-    ({"finetune": {"views_per_epoch": 3}}, ["finetune.views_per_epoch", "3", "[1, 2]"]),
+    ({"finetune": {"views_per_epoch": 4}}, ["finetune.views_per_epoch", "4", "[1, 3]"]),
     ({"export": {"formats": ["coreml", "pdf"]}}, ["export.formats", "pdf", "onnx"]),
     ({"augment": {"horizontal_flip": "yes"}}, ["augment.horizontal_flip", "true/false"]),
     ({"model": "big"}, ["model", "mapping"]),
@@ -122,10 +142,10 @@ def test_overrides_are_read_as_yaml_values():
 
 
 def test_weights_dir_defaults_to_the_environment_variable(monkeypatch):
-    monkeypatch.setenv(config.WEIGHTS_DIR_ENV, "/some/folder")
+    monkeypatch.setenv(WEIGHTS_DIR_ENV, "/some/folder")
     assert config.from_dict({}).model.weights_dir == "/some/folder"
     assert config.from_dict({"model": {"weights_dir": "/other"}}).model.weights_dir == "/other"
-    monkeypatch.delenv(config.WEIGHTS_DIR_ENV)
+    monkeypatch.delenv(WEIGHTS_DIR_ENV)
     assert config.from_dict({}).model.weights_dir is None
 
 

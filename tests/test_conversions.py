@@ -4,7 +4,7 @@ a format needs them."""
 import numpy as np
 import pytest
 
-from pipeline.conversions import Conversions
+from pipeline.export.conversions import Conversions
 from pipeline.errors import ExportError
 from test_parity import colour_meta, colour_model  # the tiny colour classifier of the parity tests
 
@@ -18,7 +18,7 @@ def model_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(model_path):
-    from pipeline import models
+    from pipeline.train import models
 
     return models.load(model_path)
 

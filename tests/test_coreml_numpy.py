@@ -2,11 +2,12 @@
 import numpy as np
 import pytest
 
-from pipeline import coreml_numpy
+from pipeline.checkers import coreml_numpy
 from pipeline.config import ExportConfig
-from pipeline.coreml_numpy import CannotVerify
-from pipeline.exporters import coreml, in_label_order
-from pipeline.parity import measure
+from pipeline.checkers.kernels import CannotVerify
+from pipeline.checkers.predictor import in_label_order
+from pipeline.export import coreml
+from pipeline.export.parity import measure
 from test_exporters import LABELS, meta, model, pixels  # noqa: F401  (model, pixels: fixtures)
 
 RNG = np.random.default_rng(7)
@@ -477,7 +478,7 @@ def varied_keras_model(size=24):
 def test_a_converted_keras_model_matches_keras(tmp_path):
     model = varied_keras_model()
     labels = ["a", "b", "c", "d", "e"]
-    from pipeline.exporters import ExportMeta
+    from pipeline.export.meta import ExportMeta
 
     m = ExportMeta(labels=labels, image_size=24, scale=2 / 255, bias=(-1.0, -1.0, -1.0), author="t", license="t",
                    description="t", version="t")

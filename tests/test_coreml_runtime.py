@@ -6,9 +6,9 @@ import pytest
 from test_exporters import LABELS, meta, model, pixels  # noqa: F401  (fixtures)
 
 from pipeline.config import ExportConfig
-from pipeline import coreml_numpy
-from pipeline.exporters import coreml, coreml_runtime, mlprogram
-from pipeline.parity import measure, table
+from pipeline.checkers import coreml_numpy
+from pipeline.export import coreml, coreml_runtime, mlprogram
+from pipeline.export.parity import measure, table
 
 TRUTH = np.array([0, 1, 2, 0, 0, 0, 0, 0])
 

@@ -1,4 +1,4 @@
-"""pipeline.dataset: layouts, hash-based splits, archives and the (offline) default download."""
+"""pipeline.data.dataset: layouts, hash-based splits, archives and the (offline) default download."""
 from __future__ import annotations
 
 import hashlib
@@ -11,9 +11,9 @@ from collections import Counter
 import pytest
 from conftest import CLASSES, make_class_dataset, make_split_dataset, write_images, zip_folder
 
-from pipeline import dataset
+from pipeline.data import dataset
 from pipeline.config import IngestConfig
-from pipeline.dataset import assign_split, detect_layout, unpack_archive
+from pipeline.data.dataset import assign_split, detect_layout, unpack_archive
 from pipeline.errors import DataError
 
 LIMITS = IngestConfig()  # the default archive limits

@@ -1,4 +1,4 @@
-"""pipeline.digits: scikit-learn's 8x8 digits written as a split folder of class folders of PNGs."""
+"""pipeline.data.digits: scikit-learn's 8x8 digits written as a split folder of class folders of PNGs."""
 from __future__ import annotations
 
 import json
@@ -11,10 +11,10 @@ from conftest import snapshot
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from pipeline import digits as digits_module
+from pipeline.data import digits as digits_module
 from pipeline.config import IngestConfig
-from pipeline.dataset import detect_layout
-from pipeline.digits import MANIFEST, write_digits
+from pipeline.data.dataset import detect_layout
+from pipeline.data.digits import MANIFEST, write_digits
 from pipeline.errors import ConfigError, DataError
 from pipeline.stages import ingest
 

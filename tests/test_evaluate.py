@@ -38,7 +38,8 @@ def test_empty_test_split_is_a_clear_error(world, tmp_path):
 def test_vision_options_are_measured_and_recommended_in_the_report(world):
     import json
 
-    from pipeline import models, vision_crop
+    from pipeline.data import vision_crop
+    from pipeline.train import models
     from pipeline.backbones import BACKBONES
 
     artifacts = world["artifacts"]

@@ -3,12 +3,15 @@ import json
 
 import numpy as np
 import pytest
-from conftest import calibrate_batchnorm, damp_residual_branches
+from conftest import backbones_to_export, calibrate_batchnorm, damp_residual_branches
 
 from pipeline.backbones import BACKBONES
 
-from pipeline.exporters import FORMATS, PRECISIONS, ExportMeta, compare, coreml, mlprogram, tflite
-from pipeline.exporters import onnx as onnx_export
+from pipeline.export import coreml, mlprogram, tflite
+from pipeline.export.formats import FORMATS, PRECISIONS
+from pipeline.export.meta import ExportMeta
+from pipeline.export.parity import compare
+from pipeline.export import onnx as onnx_export
 
 LABELS = ["circle", "red square", "étoile"]  # blue, red, yellow: sorted as classes.txt sorts them
 PROTOTYPES = np.array([[0, 0, 255], [255, 0, 0], [255, 255, 0]], dtype=np.float32)  # RGB 0-255
@@ -192,11 +195,11 @@ def varied_images(n, size, seed):
     return np.clip(tint + rng.normal(0, 40, (n, size, size, 3)), 0, 255).astype(np.float32)
 
 
-@pytest.fixture(scope="module", params=sorted(BACKBONES))
+@pytest.fixture(scope="module", params=backbones_to_export())
 def backbone_classifier(request):
     """A small classifier on each registered backbone: random weights, BatchNorm calibrated, and a Dense layer
     scaled and centred on the features of varied images, so that its top-1 class varies and is not a tie."""
-    from pipeline import models
+    from pipeline.train import models
     from pipeline.config import ModelConfig
 
     name = request.param

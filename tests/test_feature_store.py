@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import base_args, invoke, ran
 
-from pipeline.feature_store import ENTRY, FeatureStore
+from pipeline.cache.feature_store import ENTRY, FeatureStore
 
 
 def _maker(calls, value=1.0):

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from conftest import SMOKE_CONFIG
 
-from pipeline import config, models
+from pipeline import config
+from pipeline.train import models
 from pipeline.errors import ConfigError
 from pipeline.runner import Runner
 from pipeline.stages.finetune import unfreeze
@@ -16,7 +17,7 @@ from pipeline.stages.finetune import unfreeze
 def test_unfreeze(cut, freeze_bn, first):
     import tf_keras as keras
 
-    model = models.build_classifier(config.ModelConfig(alpha=0.25, image_size=32, weights=None), 3)
+    model = models.build_classifier(config.ModelConfig(backbone="mobilenet", alpha=0.25, image_size=32, weights=None), 3)
     unfreeze(model, "mobilenet", cut, freeze_bn)
     base = models.backbone_of(model)
     names = [layer.name for layer in base.layers if layer.trainable and layer.weights]

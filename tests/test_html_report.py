@@ -8,7 +8,7 @@ import pytest
 from conftest import REPO
 from PIL import Image
 
-from pipeline import html_report
+from pipeline.reporting import html_report
 
 
 def test_images_are_embedded_and_tables_and_code_render(tmp_path):

@@ -1,4 +1,4 @@
-"""pipeline.images: which files count as images, what is a bad image, and conversion to upright 8-bit RGB."""
+"""pipeline.data.images: which files count as images, what is a bad image, and conversion to upright 8-bit RGB."""
 from __future__ import annotations
 
 import io
@@ -8,7 +8,7 @@ import pytest
 from conftest import exif_jpeg, shape_image
 from PIL import Image
 
-from pipeline.images import BadImage, ImageInfo, inspect_bytes, is_image_name, load_array, load_rgb, to_rgb
+from pipeline.data.images import BadImage, ImageInfo, inspect_bytes, is_image_name, load_array, load_rgb, to_rgb
 
 BIG = 50_000_000
 WHITE = (255, 255, 255)

@@ -30,7 +30,7 @@ from PIL import Image
 from pipeline import fileio
 from pipeline.catalog import Catalog
 from pipeline.config import from_dict
-from pipeline.dataset import SPLITS, assign_split
+from pipeline.data.dataset import SPLITS, assign_split
 from pipeline.errors import ConfigError, DataError, PipelineError
 from pipeline.runner import Runner
 from pipeline.stages import BY_NAME

@@ -5,12 +5,14 @@ Expected values come from NumPy written here (from the MIL op definitions) or fr
 """
 import numpy as np
 import pytest
-from conftest import calibrate_batchnorm, damp_residual_branches
+from conftest import backbones_to_export, calibrate_batchnorm, damp_residual_branches
 
-from pipeline import mlprogram_numpy
+from pipeline.checkers import mlprogram_numpy
 from pipeline.backbones import BACKBONES
-from pipeline.coreml_numpy import CannotVerify
-from pipeline.exporters import ExportMeta, compare, mlprogram
+from pipeline.checkers.kernels import CannotVerify
+from pipeline.export import mlprogram
+from pipeline.export.meta import ExportMeta
+from pipeline.export.parity import compare
 
 RNG = np.random.default_rng(11)
 LABELS = ["circle", "red square", "étoile"]
@@ -103,8 +105,12 @@ def test_elementwise_ops_follow_their_formulas(folder):
     for name, want in expected.items():
         np.testing.assert_allclose(got[name], want, rtol=1e-5, atol=1e-6, err_msg=name)
     in_twos = mlprogram_numpy.run(path, {"x": x}, batch_size=2)  # chunks of 2, 2 and 1 give the same answer
+    # Elementwise ops are the same computation per element in any chunk; the mean over 6 values may be summed
+    # in another order, so "broadcast" may differ by the rounding of that sum: 6 float32 ulps of its largest term.
+    sum_rounding = 6 * np.finfo(np.float32).eps * np.abs(x).max()
     for name in expected:
-        np.testing.assert_array_equal(in_twos[name], got[name])
+        np.testing.assert_allclose(in_twos[name], got[name], rtol=0, atol=sum_rounding if name == "broadcast" else 0,
+                                   err_msg=name)
 
 
 W_LINEAR = RNG.normal(size=(5, 4)).astype(np.float32)
@@ -548,13 +554,13 @@ def damp_inverted_residual_branches(base, factor=0.5):
                     inbound.set_weights([gamma * factor, beta * factor, mean, variance])
 
 
-@pytest.fixture(scope="module", params=sorted(BACKBONES))
+@pytest.fixture(scope="module", params=backbones_to_export())
 def classifier(request):
     """A 32 px classifier on each backbone (as tests/test_exporters.py builds them): seeded random weights,
     BatchNorm calibrated, residual branches damped, a head whose top class varies; Keras's probabilities."""
     import tf_keras as keras
 
-    from pipeline import models
+    from pipeline.train import models
     from pipeline.config import ModelConfig
 
     name, backbone = request.param, BACKBONES[request.param]
@@ -600,9 +606,15 @@ def test_every_backbone_program_agrees_with_keras(tmp_path, classifier, precisio
     else:  # Keras itself in float16 differs from float32 by up to 0.046 on these images (random MobileNet)
         assert result["top1_agreement"] >= 0.9, result
         assert 1e-4 < result["max_probability_difference"] < 0.1, result  # rounded, and only by fp16's error
-    outputs = mlprogram_numpy.run(path, {"image": pixels[:3]})  # the classify op's two outputs
-    assert list(outputs["label"]) == [LABELS[i] for i in probabilities[:3].argmax(1)]
-    np.testing.assert_array_equal(outputs["labelProbability"], probabilities[:3])
+    # The classify op's two outputs, for three images alone: another batch shape, so TensorFlow's convolutions may
+    # sum in another order and the last bits differ. Each answer is held to Keras by the same bounds as above.
+    outputs = mlprogram_numpy.run(path, {"image": pixels[:3]})
+    assert list(outputs["label"]) == [LABELS[i] for i in outputs["labelProbability"].argmax(1)]
+    alone = compare(outputs["labelProbability"], expected[:3])
+    if precision == "fp32":
+        assert alone["top1_agreement"] == 1.0 and alone["max_probability_difference"] < 1e-4, alone
+    else:
+        assert alone["max_probability_difference"] < 0.1, alone
 
 
 # -- the fast paths: in-place rounding, values written over, ops that need no rounding ----------------------

@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 
-from pipeline import models
+from pipeline.train import models
 from pipeline.config import ModelConfig
 
-CFG = ModelConfig(alpha=0.25, image_size=32, weights=None)
+CFG = ModelConfig(backbone="mobilenet", alpha=0.25, image_size=32, weights=None)
 
 
 @pytest.fixture(scope="module")

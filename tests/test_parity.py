@@ -3,9 +3,11 @@ and the line naming the smallest passing Core ML file."""
 import numpy as np
 import pytest
 
-from pipeline import parity
+from pipeline.export import parity
 from pipeline.config import ExportConfig
-from pipeline.exporters import FORMATS, ExportMeta, mlprogram
+from pipeline.export import mlprogram
+from pipeline.export.formats import FORMATS
+from pipeline.export.meta import ExportMeta
 
 LABELS = ["circle", "red square", "étoile"]
 PROTOTYPES = np.array([[0, 0, 255], [255, 0, 0], [255, 255, 0]], dtype=np.float32)  # blue, red, yellow (RGB)
@@ -62,7 +64,7 @@ NEW_FORMATS = ["coreml-mlprogram", "coreml-mlprogram-fp32", "coreml-mlprogram-in
 
 
 def test_every_new_format_gets_a_measured_passing_row(tmp_path, model, model_path, images):
-    from pipeline.conversions import export_file
+    from pipeline.export.conversions import export_file
 
     files = {name: tmp_path / f"m{FORMATS[name].suffix}" for name in NEW_FORMATS}
     calibration = np.clip(PROTOTYPES[np.arange(9) % 3, None, None] + np.zeros((9, SIZE, SIZE, 3)), 0, 255)
@@ -82,7 +84,7 @@ def test_every_new_format_gets_a_measured_passing_row(tmp_path, model, model_pat
 
 def test_each_file_is_awaited_before_it_is_read_and_latencies_come_after_every_check(tmp_path, model, model_path,
                                                                                        images, monkeypatch):
-    from pipeline.conversions import export_file
+    from pipeline.export.conversions import export_file
 
     files = {name: tmp_path / f"m{FORMATS[name].suffix}" for name in ("onnx", "coreml", "tflite")}
     events = []
@@ -150,7 +152,7 @@ def test_the_unbroken_package_passes_the_strict_fp32_thresholds(model, model_pat
 def test_an_op_the_checker_does_not_implement_gives_an_unverifiable_row_not_a_crash(tmp_path, model_path, images):
     import tf_keras as keras
 
-    from pipeline.mlprogram_numpy import SUPPORTED_OPS
+    from pipeline.checkers.mlprogram_numpy import SUPPORTED_OPS
 
     inputs = keras.Input((SIZE, SIZE, 3), name="image")
     x = keras.layers.Activation("softplus")(keras.layers.GlobalAveragePooling2D()(inputs))

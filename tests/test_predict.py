@@ -6,7 +6,7 @@ import shutil
 from conftest import SMOKE_CONFIG, base_args, invoke
 
 from pipeline import config, predict
-from pipeline.exporters import FORMATS
+from pipeline.export.formats import FORMATS
 
 CLASSES = ["circle", "red square", "étoile"]
 LINE = re.compile(r"^(.+): (.+) (\d\.\d{3}), (.+) (\d\.\d{3})$")
@@ -79,7 +79,7 @@ def test_verify_prints_the_parity_table(world):
 def test_verify_fails_when_an_export_is_broken(world, tmp_path):
     import coremltools as ct
 
-    from pipeline.exporters import coreml
+    from pipeline.export import coreml
 
     artifacts = tmp_path / "artifacts"
     shutil.copytree(world["artifacts"], artifacts)

@@ -7,26 +7,11 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, SMOKE_CONFIG, base_args, invoke
+from conftest import REPO, SMOKE_CONFIG, base_args, invoke, smoke_cfg, snapshot
 
-from pipeline import config, fileio
+from pipeline import fileio
 from pipeline.runner import Runner
 from pipeline.stages import BY_NAME, STAGES, upstream_closure
-
-
-def snapshot(folder):
-    return {str(p.relative_to(folder)): fileio.sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def smoke_cfg(world, **sections):
-    raw = {"data": {"path": str(world["data"])}}
-    cfg = config.load(SMOKE_CONFIG, data=world["data"])
-    return cfg if not sections else config.from_dict({**_as_raw(cfg), **sections, **raw})
-
-
-def _as_raw(cfg):
-    return {name: cfg.section(name) for name in ("data", "ingest", "augment", "model", "train_head", "finetune",
-                                                  "evaluate", "export")}
 
 
 def test_registry_order_and_upstream():
@@ -38,7 +23,8 @@ def test_registry_order_and_upstream():
     assert [s.name for s in upstream_closure(["finetune"])] == names[:4]
 
 
-def test_failing_stage_leaves_previous_outputs_intact(world, tmp_path, monkeypatch):
+@pytest.mark.parametrize("stop", [RuntimeError("killed mid-way"), KeyboardInterrupt()])
+def test_failing_stage_leaves_previous_outputs_intact(world, tmp_path, monkeypatch, stop):
     artifacts = tmp_path / "artifacts"
     shutil.copytree(world["artifacts"], artifacts)
     before = snapshot(artifacts / "evaluate")
@@ -46,11 +32,11 @@ def test_failing_stage_leaves_previous_outputs_intact(world, tmp_path, monkeypat
 
     def broken(ctx):
         fileio.write_text(ctx.out.metrics, "{half written")
-        raise RuntimeError("killed mid-way")
+        raise stop
 
     monkeypatch.setattr(evaluate, "run", broken)
     runner = Runner(smoke_cfg(world, evaluate={"worst_count": 2}), artifacts)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(type(stop)):
         runner.run(["evaluate"])
     assert snapshot(artifacts / "evaluate") == before
     assert not any(p.name.startswith(".evaluate") for p in artifacts.iterdir())

@@ -21,7 +21,7 @@ def test_grid_parsing_and_combinations():
 
 
 def test_a_sweep_never_reaches_the_test_split(world, tmp_path, monkeypatch):
-    from pipeline import augmentation, images, vision_crop
+    from pipeline.data import augmentation, images, vision_crop
 
     artifacts = tmp_path / "artifacts"
     shutil.copytree(world["artifacts"], artifacts)

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline import models, training
+from pipeline.train import models, training
 from pipeline.catalog import TrainFiles
 from pipeline.config import FinetuneConfig, ModelConfig, TrainHeadConfig
 

@@ -1,4 +1,4 @@
-"""pipeline.vision_crop: the pixels each Vision crop-and-scale option feeds the model, and the report helpers.
+"""pipeline.data.vision_crop: the pixels each Vision crop-and-scale option feeds the model, and the report helpers.
 
 Expected pixels are worked out by hand in the comments, not taken from the code under test.
 """
@@ -9,8 +9,8 @@ import pytest
 from conftest import exif_jpeg
 from PIL import Image
 
-from pipeline import images
-from pipeline.vision_crop import (NAMES, OPTIONS, CropOption, arrange, fit_extent, get_option, load_as, recommend,
+from pipeline.data import images
+from pipeline.data.vision_crop import (NAMES, OPTIONS, CropOption, arrange, fit_extent, get_option, load_as, recommend,
                                   swift_snippet)
 
 # Four distinct column colours for a 4 x 2 (w x h) image: red, green, blue, yellow.

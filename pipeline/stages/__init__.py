@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.exporters import FORMATS
+from pipeline.export.formats import FORMATS
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,8 @@ class Stage:
         """Every package module whose source can change what this stage computes."""
         from pipeline.code_deps import closure
 
-        return closure([self.module, *self.dynamic_imports])
+        # The runner hands every stage its files as the catalog's classes, whose writers shape the outputs.
+        return closure([self.module, "pipeline.catalog", *self.dynamic_imports])
 
 
 STAGES = (

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline import fileio
-from pipeline.augmentation import ImageBatches, generator_settings, make_generator
-from pipeline.report import plot_grid
+from pipeline.data.augmentation import ImageBatches, generator_settings, make_generator
+from pipeline.reporting.report import plot_grid
 
 
 def run(ctx):

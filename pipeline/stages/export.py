@@ -8,14 +8,17 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import allocator, fileio, models
+from pipeline import fileio
+from pipeline.export import allocator
+from pipeline.train import models
 from pipeline.backbones import alpha_of
-from pipeline.catalog import class_indices
-from pipeline.conversions import Conversions
+from pipeline.data.labels import class_indices
+from pipeline.export.conversions import Conversions
 from pipeline.errors import ExportError, PipelineError
-from pipeline.exporters import FORMATS, model_meta
-from pipeline.images import load_array
-from pipeline.parity import KERAS, blocking_failures, measure, smallest_line, table
+from pipeline.export.formats import FORMATS
+from pipeline.export.meta import model_meta
+from pipeline.data.images import load_array
+from pipeline.export.parity import KERAS, blocking_failures, measure, smallest_line, table
 
 log = logging.getLogger("pipeline.export")
 
@@ -42,7 +45,7 @@ def input_note(metrics):
     """The Core ML input's advice on Vision's crop-and-scale option, from evaluate's measurements ("" if none)."""
     if "recommended_crop" not in metrics:
         return ""
-    from pipeline import vision_crop
+    from pipeline.data import vision_crop
 
     best = vision_crop.get_option(metrics["recommended_crop"])
     scores = metrics["vision_options"]
@@ -120,7 +123,7 @@ def parity(cfg, inputs, files, model=None, meta=None, ready=None):
 
 
 def start_conversions(cfg, inputs, model, meta, files, in_worker=None):
-    """The Conversions (pipeline.conversions) writing every file of `files` ({format: path}) of the fine-tuned
+    """The Conversions (pipeline.export.conversions) writing every file of `files` ({format: path}) of the fine-tuned
     model: in a worker process if `in_worker` (default export.convert_in_worker) is set, which loads the model
     from the finetune stage's file, else here. Calibration images are loaded only when a format needs them."""
     in_worker = cfg.export.convert_in_worker if in_worker is None else in_worker

@@ -12,9 +12,10 @@ import os
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from pipeline import dataset, fileio
+from pipeline import fileio
+from pipeline.data import dataset
 from pipeline.errors import DataError
-from pipeline.images import BadImage, inspect_bytes, is_image_name
+from pipeline.data.images import BadImage, inspect_bytes, is_image_name
 
 log = logging.getLogger("pipeline.ingest")
 

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline import fileio, models, training
-from pipeline.activations import ArrayFile, CachedBatches, cache_split, cache_views, view_specs
-from pipeline.augmentation import split_batches
+from pipeline import fileio
+from pipeline.catalog import FeatureFiles
+from pipeline.train import models, training
+from pipeline.train.activations import ArrayFile, CachedBatches, cache_split, cache_views, view_specs
+from pipeline.data.augmentation import split_batches
 
 HEAD_ONLY = ("dropout", "l2")
 """The model keys that shape only the head, so the frozen backbone's features do not depend on them."""
@@ -30,14 +32,15 @@ def run(ctx):
         extractor = models.feature_extractor(model)
 
         def compute(folder):
-            _, y = cache_views(extractor, ingest, augment, size, batch, views, section.seed, folder / "train.npy")
-            _, val_y = cache_split(extractor, ingest, augment, "val", size, batch, folder / "val.npy")
-            np.save(folder / "train-labels.npy", y)
-            np.save(folder / "val-labels.npy", val_y)
+            files = FeatureFiles(folder)
+            _, y = cache_views(extractor, ingest, augment, size, batch, views, section.seed, files.features("train"))
+            _, val_y = cache_split(extractor, ingest, augment, "val", size, batch, files.features("val"))
+            np.save(files.labels("train"), y)
+            np.save(files.labels("val"), val_y)
 
         key = features_key(ctx, models.weights_digest(extractor))
         folder, reused = ctx.store.get_or_make(key, compute, "the backbone's features")
-        (x, y), (val_x, val_y) = (_features(folder, split) for split in ("train", "val"))
+        (x, y), (val_x, val_y) = (_features(FeatureFiles(folder), split) for split in ("train", "val"))
         head = models.build_head(cfg.model, len(classes), x.shape[1])
         train = CachedBatches(x, y, len(classes), batch, shuffle=True, seed=section.seed, n_views=len(views),
                               views_per_epoch=section.views_per_epoch, oversample=section.oversample)
@@ -63,6 +66,6 @@ def features_key(ctx, weights):
                                                "weights": weights, "model": model, "views": views})[:32]
 
 
-def _features(folder, split):
+def _features(files, split):
     """(ArrayFile of the features, class index of each row) of one split in a store entry."""
-    return ArrayFile(folder / f"{split}.npy"), np.load(folder / f"{split}-labels.npy")
+    return ArrayFile(files.features(split)), np.load(files.labels(split))

@@ -1,0 +1,79 @@
+"""Computed features kept between runs, under a key of everything they depend on, so other runs reuse them.
+
+train-head's cached features depend on the images, the frozen backbone, the views and the code that computes
+them, but not on the head's own settings. Its stage folder is replaced whenever the head's dropout or learning
+rate changes, so the features live here instead: a run (or a sweep combination) that changes only the head
+finds them and trains in seconds. Each entry is a folder named by its key, written in a temporary folder and
+renamed into place (pipeline.cache.sealed_folder); `entry.json`, written last, records the digest of each file,
+and an entry whose files do not match it is discarded and recomputed, never used. The least recently used entries beyond `keep` are
+removed, so the store holds a few datasets' features at most.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+from pipeline.cache.sealed_folder import SealedFolder, first_difference, read_manifest
+
+log = logging.getLogger("pipeline.cache.feature_store")
+
+ENTRY = "entry.json"
+
+
+class FeatureStore:
+    """A folder of entries, each a folder of files computed once for one key."""
+
+    def __init__(self, root, keep=4):
+        self.root, self.keep = Path(root), keep
+
+    @property
+    def scratch(self):
+        """Where entries are written before they are renamed into place."""
+        return self.root / ".tmp"
+
+    def folder(self, key):
+        """The folder entry `key` is (or would be) kept in."""
+        return self.root / key
+
+    def get(self, key):
+        """The folder of entry `key` if it is complete and unaltered (its use recorded), else None."""
+        folder = self.folder(key)
+        if not folder.exists():
+            return None
+        try:
+            entry = read_manifest(folder, ENTRY, "files")
+            problem = "no entry.json" if entry is None else first_difference(folder, entry["files"])
+        except (OSError, ValueError) as exc:
+            problem = str(exc)
+        if problem:
+            log.warning("feature store entry %s is incomplete or altered (%s); computing it again", folder, problem)
+            shutil.rmtree(folder, ignore_errors=True)
+            return None
+        os.utime(folder / ENTRY)  # most recently used
+        return folder
+
+    def get_or_make(self, key, make, what="features"):
+        """The folder of entry `key`, made by `make(folder)` (which writes its files there) unless present.
+
+        Returns (folder, reused).
+        """
+        found = self.get(key)
+        if found is not None:
+            log.info("reusing %s computed by an earlier run (%s)", what, found)
+            return found, True
+        # Not replacing: an entry another run stored under the same key meanwhile is the same computation.
+        with SealedFolder(self.folder(key), self.scratch, ENTRY, "files", replace=False) as entry:
+            make(entry.path)
+            entry.seal({"key": key, "made": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        self._evict(keep_key=key)
+        return self.folder(key), False
+
+    def _evict(self, keep_key):
+        entries = sorted((p for p in self.root.iterdir() if (p / ENTRY).is_file() and p.name != keep_key),
+                         key=lambda p: (p / ENTRY).stat().st_mtime, reverse=True)
+        for old in entries[max(self.keep - 1, 0):]:
+            log.info("feature store: removing the least recently used entry %s", old)
+            shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,108 @@
+"""Keras ImageDataGenerator settings and the batches that feed the network from ingest's index."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import numpy as np
+
+from pipeline.data import balance
+from pipeline.backbones import BACKBONES, scale_bias
+from pipeline.data.labels import class_indices
+from pipeline.data.images import load_array
+
+PREPROCESS_KEYS = ("input_scale", "input_bias")
+
+
+def generator_settings(aug_cfg, backbone_name):
+    """The ImageDataGenerator keyword arguments for training images, with the backbone's preprocessing."""
+    settings = dataclasses.asdict(aug_cfg)
+    settings.pop("preview_images")
+    backbone = BACKBONES[backbone_name]
+    settings.update(input_scale=backbone.input_scale, input_bias=backbone.input_bias)
+    return settings
+
+
+def make_generator(settings, augment=True):
+    """An ImageDataGenerator from saved settings; without `augment`, only the preprocessing (val and test)."""
+    from tf_keras.preprocessing.image import ImageDataGenerator
+
+    preprocess = functools.partial(scale_bias, scale=settings["input_scale"], bias=settings["input_bias"])
+    if not augment:
+        return ImageDataGenerator(preprocessing_function=preprocess)
+    kwargs = {k: v for k, v in settings.items() if k not in PREPROCESS_KEYS}
+    return ImageDataGenerator(preprocessing_function=preprocess, **kwargs)
+
+
+def one_hot(indices, n_classes):
+    """One-hot float32 rows for integer class indices."""
+    return np.eye(n_classes, dtype=np.float32)[np.asarray(indices, dtype=int)]
+
+
+def _sequence_base():
+    import tf_keras as keras
+
+    return keras.utils.Sequence
+
+
+class ImageBatches(_sequence_base()):
+    """Batches of (preprocessed images, one-hot labels) read from index rows through an ImageDataGenerator.
+
+    Images are decoded with pipeline.data.images (upright RGB, bilinear resize), then, as in Keras's own
+    iterators, `random_transform` (when augmenting) and `standardize` (which applies the backbone's scale and bias).
+    `flip` mirrors every image (a fixed view for test-time augmentation and cached features); `oversample`
+    repeats the smaller classes' images in every epoch up to the largest class's count.
+    """
+
+    def __init__(self, rows, classes, size, generator, batch_size, augment=False, shuffle=False,
+                 flip=False, seed=0, oversample=False):
+        super().__init__()
+        self.paths = [row["path"] for row in rows]
+        self.labels = class_indices(rows, classes)
+        self.n_classes = len(classes)
+        self.size, self.generator, self.batch_size = size, generator, batch_size
+        self.augment, self.shuffle, self.flip, self.oversample = augment, shuffle, flip, oversample
+        self.rng = np.random.default_rng(seed)
+        self._new_epoch()
+
+    def _new_epoch(self):
+        order = np.arange(len(self.paths))
+        if self.oversample:
+            order = balance.oversample(order, self.labels, self.rng)
+        if self.shuffle:
+            self.rng.shuffle(order)
+        self.order = order
+
+    def __len__(self):
+        return math.ceil(len(self.order) / self.batch_size)
+
+    def images(self, i):
+        """Batch i as float32 pixels 0-255 after augmentation, before preprocessing."""
+        picked = self.order[i * self.batch_size:(i + 1) * self.batch_size]
+        batch = np.stack([load_array(self.paths[j], self.size) for j in picked]).astype(np.float32)
+        if self.flip:
+            batch = batch[:, :, ::-1, :]
+        if self.augment:
+            batch = np.stack([self.generator.random_transform(x, seed=int(self.rng.integers(1 << 31)))
+                              for x in batch])
+        return batch, self.labels[picked]
+
+    def __getitem__(self, i):
+        batch, labels = self.images(i)
+        batch = np.stack([self.generator.standardize(x) for x in batch])
+        return batch, one_hot(labels, self.n_classes)
+
+    def on_epoch_end(self):
+        if self.shuffle or self.oversample:
+            self._new_epoch()
+
+
+def split_batches(ingest_files, augment_files, split, size, batch_size, augment=False, shuffle=False,
+                  flip=False, seed=0, oversample=False):
+    """Batches of one split of ingest's index, through the generator saved by the augment stage."""
+    from pipeline.fileio import read_json
+
+    generator = make_generator(read_json(augment_files.settings), augment)
+    return ImageBatches(ingest_files.read_index(split), ingest_files.read_classes(), size, generator,
+                        batch_size, augment=augment, shuffle=shuffle, flip=flip, seed=seed, oversample=oversample)

@@ -1,0 +1,1 @@
+"""The evaluation report's plots and its self-contained HTML page."""

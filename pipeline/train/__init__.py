@@ -1,0 +1,1 @@
+"""Training: the classifier built on a backbone, the training loop, cached features and activations, class balance."""

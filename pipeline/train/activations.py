@@ -1,0 +1,181 @@
+"""Outputs of a frozen model for fixed views of the images, cached in an `.npy` file and read back in batches.
+
+Cached training (the head on pooled features, the upper blocks on a cut point's activations) computes these
+once and trains on them for many epochs. They are written batch by batch and read back row by row with
+plain file reads, so memory holds one batch at a time however large the dataset grows.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+
+import numpy as np
+
+from pipeline.data import balance
+from pipeline.data.augmentation import one_hot, split_batches
+from pipeline.progress import Progress
+
+log = logging.getLogger("pipeline.train.activations")
+
+
+def view_specs(flip_view, augmented_views):
+    """The fixed views of each training image that cached training uses: (name, ImageBatches options)."""
+    views = [("original", {})]
+    if flip_view:
+        views.append(("mirrored", {"flip": True}))
+    views += [(f"augmented view {k + 1}", {"augment": True}) for k in range(augmented_views)]
+    return views
+
+
+class ArrayFile:
+    """A 2+-dimensional `.npy` file whose rows are read on demand (never mapped or loaded whole)."""
+
+    def __init__(self, path):
+        self.path = path
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}[version]
+            shape, fortran, dtype = read_header(f)
+            self.offset = f.tell()
+        if fortran:
+            raise ValueError(f"{path}: Fortran-ordered arrays are not supported")
+        self.shape, self.dtype = shape, np.dtype(dtype)
+        self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        self._fd = None
+
+    def __len__(self):
+        return self.shape[0]
+
+    @property
+    def nbytes(self):
+        """The size of the array's data in bytes."""
+        return self.shape[0] * self.row_bytes
+
+    def first(self, n):
+        """The same file seen as its first `n` rows only."""
+        if not 0 <= n <= self.shape[0]:
+            raise ValueError(f"{self.path} has {self.shape[0]} rows, not {n}")
+        part = ArrayFile.__new__(ArrayFile)
+        part.__dict__.update(self.__dict__, shape=(n, *self.shape[1:]), _fd=None)
+        return part
+
+    def rows(self, indices):
+        """The rows at `indices`, in that order, as one array."""
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        out = np.empty((len(indices), *self.shape[1:]), self.dtype)
+        flat = out.reshape(len(indices), -1).view(np.uint8)
+        for k, i in enumerate(indices):
+            flat[k] = np.frombuffer(os.pread(self._fd, self.row_bytes, self.offset + int(i) * self.row_bytes),
+                                    np.uint8)
+        return out
+
+    def close(self):
+        """Close the file handle (reads reopen it)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def remove(self):
+        """Close the file and delete it (a stage's cache, once trained on)."""
+        self.close()
+        os.unlink(self.path)
+
+
+def write_outputs(model, batch_sources, path, dtype):
+    """Run `model` over every batch of every source and write the outputs, in order, to the `.npy` at `path`.
+
+    `batch_sources` is a list of (name, ImageBatches). Returns an ArrayFile and the class index of each row.
+    """
+    total = sum(len(batches.paths) for _, batches in batch_sources)
+    shape = (total, *model.output_shape[1:])
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    labels, row = [], 0
+    for name, batches in batch_sources:
+        t0 = time.monotonic()
+        progress = Progress(f"computing {name}", len(batches.paths), unit="images")
+        for i in range(len(batches)):
+            images, onehot = batches[i]
+            out = model(images, training=False).numpy()
+            array[row:row + len(out)] = out.astype(dtype)
+            labels.append(onehot.argmax(axis=1))
+            row += len(out)
+            progress.advance(len(out))
+        progress.close()
+        seconds = time.monotonic() - t0
+        log.info("computed %s of %d images in %.0fs (%.1f images/s)", name, len(batches.paths), seconds,
+                 len(batches.paths) / max(seconds, 1e-9))
+    array.flush()
+    del array
+    return ArrayFile(path), np.concatenate(labels)
+
+
+def cache_views(model, ingest_files, augment_files, size, batch_size, views, seed, path, dtype="float32"):
+    """`model`'s outputs for every view of every training image, in a file; returns (ArrayFile, class indices).
+
+    Each augmented view draws its own random transforms (seeded by `seed` and its position).
+    """
+    sources = [(name, split_batches(ingest_files, augment_files, "train", size, batch_size, seed=seed * 1000 + k,
+                                    **options)) for k, (name, options) in enumerate(views)]
+    return write_outputs(model, sources, path, dtype)
+
+
+def cache_split(model, ingest_files, augment_files, split, size, batch_size, path, dtype="float32"):
+    """`model`'s outputs for every image of one split, in a file; returns (ArrayFile, class indices)."""
+    batches = split_batches(ingest_files, augment_files, split, size, batch_size)
+    return write_outputs(model, [(f"{split} images", batches)], path, dtype)
+
+
+def _sequence_base():
+    import tf_keras as keras
+
+    return keras.utils.Sequence
+
+
+class CachedBatches(_sequence_base()):
+    """Batches of (cached rows as float32, one-hot labels) from an ArrayFile, reshuffled each epoch if asked.
+
+    The rows of a views cache are view-major (all originals, then all mirrors, ...). With `views_per_epoch`,
+    each epoch takes that many distinct views of every image, drawn afresh per image and epoch. With
+    `oversample`, the smaller classes' rows are repeated in every epoch up to the largest class's count.
+    """
+
+    def __init__(self, array, labels, n_classes, batch_size, shuffle=False, seed=0, n_views=1,
+                 views_per_epoch=None, oversample=False):
+        super().__init__()
+        if len(array) % n_views:
+            raise ValueError(f"{array.path}: {len(array)} rows do not divide into {n_views} views")
+        self.array, self.labels, self.n_classes = array, np.asarray(labels), n_classes
+        self.batch_size, self.shuffle = batch_size, shuffle
+        self.n_views, self.views_per_epoch = n_views, views_per_epoch or n_views
+        self.oversample = oversample
+        self.rng = np.random.default_rng(seed)
+        self._new_epoch()
+
+    def _new_epoch(self):
+        n_images = len(self.array) // self.n_views
+        if self.views_per_epoch == self.n_views:
+            order = np.arange(len(self.array))
+        else:
+            picks = np.argsort(self.rng.random((n_images, self.n_views)), axis=1)[:, :self.views_per_epoch]
+            order = (picks * n_images + np.arange(n_images)[:, None]).ravel()
+        if self.oversample:
+            order = balance.oversample(order, self.labels[order], self.rng)
+        if self.shuffle:
+            self.rng.shuffle(order)
+        self.order = order
+
+    def __len__(self):
+        return math.ceil(len(self.order) / self.batch_size)
+
+    def __getitem__(self, i):
+        picked = self.order[i * self.batch_size:(i + 1) * self.batch_size]
+        # Reading in file order is faster; the batch's composition, not its order, is what shuffling sets.
+        picked = np.sort(picked)
+        return self.array.rows(picked).astype(np.float32), one_hot(self.labels[picked], self.n_classes)
+
+    def on_epoch_end(self):
+        self._new_epoch()

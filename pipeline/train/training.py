@@ -1,0 +1,169 @@
+"""Fitting a model with the pipeline's callbacks, and writing its history, curves and best weights."""
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+
+import numpy as np
+
+from pipeline import fileio
+from pipeline.data import balance
+from pipeline.progress import Progress
+
+log = logging.getLogger("pipeline.train.training")
+
+
+def seed_everything(seed):
+    """Seed Python's, NumPy's and TensorFlow's random generators (weight initialisation, dropout, shuffling)."""
+    import tf_keras as keras
+
+    keras.utils.set_random_seed(seed)
+
+
+def check_batch_size(section_name, batch_size, n_train):
+    """A batch larger than the training set is a config error naming the key."""
+    from pipeline.errors import ConfigError
+
+    if batch_size > n_train:
+        raise ConfigError(f"config key '{section_name}.batch_size' has value {batch_size}, larger than the "
+                          f"training set ({n_train} images); set it to at most {n_train}")
+
+
+def _callbacks():
+    import tf_keras as keras
+
+    class TimeBudget(keras.callbacks.Callback):
+        """Stop training once `minutes` have passed (checked after each epoch)."""
+
+        def __init__(self, minutes):
+            super().__init__()
+            self.seconds = None if minutes is None else minutes * 60
+            self.start = time.monotonic()
+            self.stopped_at = None
+
+        def on_epoch_end(self, epoch, logs=None):
+            if self.seconds is not None and time.monotonic() - self.start > self.seconds:
+                log.warning("time budget of %.1f min reached after epoch %d; keeping the best epoch",
+                            self.seconds / 60, epoch + 1)
+                self.stopped_at = epoch + 1
+                self.model.stop_training = True
+
+    class LearningRate(keras.callbacks.Callback):
+        """Record the learning rate of each epoch in the history."""
+
+        def on_epoch_end(self, epoch, logs=None):
+            if logs is not None:
+                logs["lr"] = float(keras.backend.get_value(self.model.optimizer.learning_rate))
+
+    class EpochLog(keras.callbacks.Callback):
+        """Where Keras's own bar is not shown (output not a terminal): the batches as periodic progress lines
+        and one line per epoch, through the pipeline's log."""
+
+        def __init__(self, epochs, steps):
+            super().__init__()
+            self.epochs, self.steps = epochs, steps
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.progress = Progress(f"epoch {epoch + 1}/{self.epochs}", self.steps, "batches")
+            self.start = time.monotonic()
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.progress.advance()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.progress.close()
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in (logs or {}).items())
+            log.info("epoch %d/%d in %.0fs: %s", epoch + 1, self.epochs, time.monotonic() - self.start, shown)
+
+    return keras, TimeBudget, LearningRate, EpochLog
+
+
+def keras_verbose():
+    """Keras's verbosity: its progress bars on a terminal; in a log none (fit logs its own lines, EpochLog)."""
+    return 1 if sys.stderr.isatty() else 0
+
+
+def learning_rate_at(epoch, section):
+    """The `cosine` schedule's learning rate for a 0-based epoch: linear warm-up, then cosine decay to min_lr."""
+    peak, low, warmup, total = section.learning_rate, section.min_lr, section.warmup_epochs, section.epochs
+    if epoch < warmup:
+        return peak * (epoch + 1) / (warmup + 1)
+    span = max(total - warmup - 1, 1)
+    return low + 0.5 * (peak - low) * (1 + math.cos(math.pi * min(epoch - warmup, span) / span))
+
+
+def _schedule_callbacks(keras, section):
+    if section.schedule == "plateau":
+        return [keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=section.lr_factor,
+                                                  patience=section.lr_patience, min_lr=section.min_lr, verbose=0)]
+    if section.schedule == "cosine":
+        return [keras.callbacks.LearningRateScheduler(lambda epoch, lr: learning_rate_at(epoch, section))]
+    return []
+
+
+def _optimizer(keras, section, steps_per_epoch):
+    average = {} if section.ema_momentum is None else {
+        # Overwriting once per epoch puts the average in the model before each validation and checkpoint.
+        "use_ema": True, "ema_momentum": section.ema_momentum, "ema_overwrite_frequency": max(steps_per_epoch, 2)}
+    if section.optimizer == "sgd":
+        return keras.optimizers.SGD(section.learning_rate, momentum=section.momentum, **average)
+    if section.optimizer == "rmsprop":
+        return keras.optimizers.RMSprop(section.learning_rate, momentum=section.momentum, **average)
+    return keras.optimizers.Adam(section.learning_rate, **average)
+
+
+def fit(model, train, validation, section, files, **fit_kwargs):
+    """Compile and fit `model`; keep the best epoch by validation accuracy; write history and curves.
+
+    `section` is the train_head or finetune config (epochs, learning rate and schedule, label smoothing,
+    patience, max_minutes, ...). `train` is a Sequence of (inputs, one-hot labels) batches or an (x, y) tuple
+    of arrays; `validation` likewise. Returns a summary dict of the run.
+    """
+    keras, TimeBudget, LearningRate, EpochLog = _callbacks()
+    loss = keras.losses.CategoricalCrossentropy(label_smoothing=section.label_smoothing)
+    x, y = train if isinstance(train, tuple) else (train, None)
+    steps_per_epoch = len(x) if y is None else math.ceil(len(x) / section.batch_size)
+    model.compile(optimizer=_optimizer(keras, section, steps_per_epoch), loss=loss, metrics=["accuracy"])
+    budget = TimeBudget(section.max_minutes)
+    callbacks = [
+        *_schedule_callbacks(keras, section),
+        LearningRate(),
+        keras.callbacks.ModelCheckpoint(str(files.checkpoint), monitor="val_accuracy", mode="max",
+                                        save_best_only=True, save_weights_only=True, verbose=0),
+        keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=section.patience,
+                                      restore_best_weights=True, verbose=0),
+        budget,
+    ]
+    if keras_verbose() == 0:
+        callbacks.append(EpochLog(section.epochs, steps_per_epoch))  # after LearningRate: the line shows lr
+    if section.class_weight == "balanced":
+        labels = x.labels if y is None else np.asarray(y).argmax(axis=1)
+        n_classes = x.n_classes if y is None else np.asarray(y).shape[1]
+        fit_kwargs["class_weight"] = balance.class_weights(labels, n_classes)
+    seed_everything(section.seed)
+    t0 = time.monotonic()
+    history = model.fit(x, y, validation_data=validation, epochs=section.epochs, callbacks=callbacks,
+                        batch_size=section.batch_size if y is not None else None, verbose=keras_verbose(),
+                        **fit_kwargs)
+    seconds = time.monotonic() - t0
+    model.load_weights(str(files.checkpoint))  # the best epoch, whatever stopped training
+    files.checkpoint.unlink()
+    rows = [dict(epoch=i + 1, **{k: float(v[i]) for k, v in history.history.items()})
+            for i in range(len(history.epoch))]
+    write_history(files, rows)
+    best = max(rows, key=lambda r: r["val_accuracy"])
+    summary = {"epochs_run": len(rows), "best_epoch": best["epoch"], "val_accuracy": best["val_accuracy"],
+               "val_loss": best["val_loss"], "fit_seconds": round(seconds, 1),
+               "stopped_by_time_budget": budget.stopped_at is not None}
+    fileio.write_json(files.summary, summary)
+    return summary
+
+
+def write_history(files, rows):
+    """Write the per-epoch history as CSV and plot its loss and accuracy curves."""
+    fileio.write_csv(files.history, list(rows[0]) if rows else ["epoch"], rows)
+    from pipeline.reporting.report import plot_curves
+
+    plot_curves(rows, files.curves)
