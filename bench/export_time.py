@@ -20,11 +20,11 @@ import yaml
 
 import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 from pipeline import config, fileio
-from pipeline.train import models
 from pipeline.catalog import Catalog, ExportFiles
 from pipeline.export.formats import FORMATS
 from pipeline.export.parity import table
 from pipeline.stages import export
+from pipeline.train import models
 
 
 def run_config(artifacts, formats, check_images, latency_images, overrides):

@@ -13,10 +13,10 @@ import numpy as np
 
 import pipeline  # noqa: F401  (selects tf-keras)
 from pipeline import config
-from pipeline.train import models
-from pipeline.data.augmentation import split_batches
 from pipeline.catalog import Catalog
+from pipeline.data.augmentation import split_batches
 from pipeline.runner import Runner
+from pipeline.train import models
 
 
 def main():

@@ -23,11 +23,11 @@ import yaml
 
 import pipeline  # noqa: F401
 from pipeline import config
+from pipeline.catalog import Catalog, TrainFiles
+from pipeline.data.augmentation import split_batches
+from pipeline.stages.evaluate import metrics
 from pipeline.train import models, training
 from pipeline.train.activations import CachedBatches, cache_split, cache_views, view_specs, write_outputs
-from pipeline.data.augmentation import split_batches
-from pipeline.catalog import Catalog, TrainFiles
-from pipeline.stages.evaluate import metrics
 
 
 def main():

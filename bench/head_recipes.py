@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 
 import pipeline  # noqa: F401
-from pipeline.train import models
 from pipeline.config import ModelConfig
+from pipeline.train import models
 
 
 def main():

@@ -8,15 +8,15 @@ import click
 
 from pipeline import config as config_module
 from pipeline import predict, quiet, sweep
-from pipeline.data import digits
 from pipeline.catalog import Catalog
+from pipeline.data import digits
 from pipeline.environment import WEIGHTS_DIR_ENV
 from pipeline.errors import PipelineError
 from pipeline.export.parity import table
 from pipeline.predict import RUNNABLE
-from pipeline.stages import export as export_stage
 from pipeline.runner import Runner, stage_names
 from pipeline.stages import STAGES
+from pipeline.stages import export as export_stage
 
 log = logging.getLogger("pipeline")
 

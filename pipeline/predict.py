@@ -5,14 +5,14 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.train import models
 from pipeline.catalog import Catalog
+from pipeline.data.images import BadImage, is_image_name, load_array
 from pipeline.errors import PipelineError
 from pipeline.export import coreml_runtime
 from pipeline.export.formats import FORMATS
 from pipeline.export.meta import model_meta
-from pipeline.data.images import BadImage, is_image_name, load_array
 from pipeline.export.parity import KERAS, keras_predictor
+from pipeline.train import models
 
 # Formats something on Linux can run, so `predict` can use them.
 RUNNABLE = (KERAS, *[name for name, fmt in FORMATS.items() if fmt.runtime])

@@ -14,10 +14,11 @@ from pathlib import Path
 import yaml
 
 from pipeline import code_deps, fileio
+from pipeline.cache.feature_store import FeatureStore
+from pipeline.cache.lock import holding
 from pipeline.cache.sealed_folder import SealedFolder, first_difference
 from pipeline.catalog import MANIFEST, Catalog
 from pipeline.errors import ArtifactsError
-from pipeline.cache.feature_store import FeatureStore
 from pipeline.stages import STAGES, upstream_closure
 
 log = logging.getLogger("pipeline")
@@ -105,7 +106,17 @@ class Runner:
 
     # -- running ------------------------------------------------------------------------------------
     def run(self, targets, force=()):
-        """Run the named stages, after any stale upstream stage; reuse fresh ones. Returns what ran."""
+        """Run the named stages, after any stale upstream stage; reuse fresh ones. Returns what ran.
+
+        Holds the artifacts folder's lock throughout, so a second run on the same folder stops with a clear error
+        instead of writing beside this one.
+        """
+        with holding(self.catalog.root):
+            if self.store.root == self.catalog.feature_store:  # the store is this folder's, so the lock covers it
+                self.store.remove_leftovers()
+            return self._run(targets, force)
+
+    def _run(self, targets, force):
         ran = []
         for stage in upstream_closure(targets):
             status = self.freshness(stage)

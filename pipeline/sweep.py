@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from pipeline import fileio
+from pipeline.cache.lock import holding
 from pipeline.cache.sealed_folder import SealedFolder, first_difference, read_manifest
 from pipeline.catalog import MANIFEST, Catalog
 from pipeline.errors import ConfigError
@@ -123,6 +124,11 @@ def run(make_config, artifacts, grid, until="finetune", sample=None, seed=0):
     combos = combinations(grid, sample, seed)
     for combo in combos:  # every configuration is checked before anything runs
         make_config(combo)
+    with holding(artifacts):  # the combinations share its feature store; the sweep's files are written there
+        return _run_combinations(make_config, artifacts, grid, combos, until)
+
+
+def _run_combinations(make_config, artifacts, grid, combos, until):
     sweep_files = Catalog(artifacts).sweep
     stages = upstream_closure([until])
     donors = [Path(artifacts)]

@@ -4,8 +4,8 @@ a format needs them."""
 import numpy as np
 import pytest
 
-from pipeline.export.conversions import Conversions
 from pipeline.errors import ExportError
+from pipeline.export.conversions import Conversions
 from test_parity import colour_meta, colour_model  # the tiny colour classifier of the parity tests
 
 

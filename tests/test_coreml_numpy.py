@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 
 from pipeline.checkers import coreml_numpy
-from pipeline.config import ExportConfig
 from pipeline.checkers.kernels import CannotVerify
 from pipeline.checkers.predictor import in_label_order
+from pipeline.config import ExportConfig
 from pipeline.export import coreml
 from pipeline.export.parity import measure
 from test_exporters import LABELS, meta, model, pixels  # noqa: F401  (model, pixels: fixtures)

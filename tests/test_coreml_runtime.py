@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from test_exporters import LABELS, meta, model, pixels  # noqa: F401  (fixtures)
 
-from pipeline.config import ExportConfig
 from pipeline.checkers import coreml_numpy
+from pipeline.config import ExportConfig
 from pipeline.export import coreml, coreml_runtime, mlprogram
 from pipeline.export.parity import measure, table
 

@@ -11,8 +11,8 @@ from collections import Counter
 import pytest
 from conftest import CLASSES, make_class_dataset, make_split_dataset, write_images, zip_folder
 
-from pipeline.data import dataset
 from pipeline.config import IngestConfig
+from pipeline.data import dataset
 from pipeline.data.dataset import assign_split, detect_layout, unpack_archive
 from pipeline.errors import DataError
 

@@ -11,8 +11,8 @@ from conftest import snapshot
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from pipeline.data import digits as digits_module
 from pipeline.config import IngestConfig
+from pipeline.data import digits as digits_module
 from pipeline.data.dataset import detect_layout
 from pipeline.data.digits import MANIFEST, write_digits
 from pipeline.errors import ConfigError, DataError

@@ -9,9 +9,9 @@ import pytest
 
 from pipeline import backbones
 from pipeline.backbones import efficientnet_lite
+from pipeline.backbones.torch_weights import read_state_dict
 from pipeline.config import ModelConfig
 from pipeline.errors import WeightsError
-from pipeline.backbones.torch_weights import read_state_dict
 
 LITE0 = "efficientnet_lite0"
 

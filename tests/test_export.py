@@ -7,8 +7,8 @@ from PIL import Image
 from pipeline import config
 from pipeline.catalog import IngestFiles
 from pipeline.errors import ExportError
-from pipeline.export.formats import FORMATS
 from pipeline.export import conversions
+from pipeline.export.formats import FORMATS
 from pipeline.stages import export
 
 CLASSES = ["a", "b", "c"]

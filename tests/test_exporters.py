@@ -8,10 +8,10 @@ from conftest import backbones_to_export, calibrate_batchnorm, damp_residual_bra
 from pipeline.backbones import BACKBONES
 
 from pipeline.export import coreml, mlprogram, tflite
+from pipeline.export import onnx as onnx_export
 from pipeline.export.formats import FORMATS, PRECISIONS
 from pipeline.export.meta import ExportMeta
 from pipeline.export.parity import compare
-from pipeline.export import onnx as onnx_export
 
 LABELS = ["circle", "red square", "étoile"]  # blue, red, yellow: sorted as classes.txt sorts them
 PROTOTYPES = np.array([[0, 0, 255], [255, 0, 0], [255, 255, 0]], dtype=np.float32)  # RGB 0-255

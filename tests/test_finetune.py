@@ -6,10 +6,10 @@ import pytest
 from conftest import SMOKE_CONFIG
 
 from pipeline import config
-from pipeline.train import models
 from pipeline.errors import ConfigError
 from pipeline.runner import Runner
 from pipeline.stages.finetune import unfreeze
+from pipeline.train import models
 
 
 @pytest.mark.parametrize("cut, freeze_bn, first", [("all", False, "conv1"), ("block7", True, "conv_dw_7"),

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from conftest import backbones_to_export, calibrate_batchnorm, damp_residual_branches
 
-from pipeline.checkers import mlprogram_numpy
 from pipeline.backbones import BACKBONES
+from pipeline.checkers import mlprogram_numpy
 from pipeline.checkers.kernels import CannotVerify
 from pipeline.export import mlprogram
 from pipeline.export.meta import ExportMeta

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from pipeline.train import models
 from pipeline.config import ModelConfig
+from pipeline.train import models
 
 CFG = ModelConfig(backbone="mobilenet", alpha=0.25, image_size=32, weights=None)
 

@@ -3,9 +3,9 @@ and the line naming the smallest passing Core ML file."""
 import numpy as np
 import pytest
 
-from pipeline.export import parity
 from pipeline.config import ExportConfig
 from pipeline.export import mlprogram
+from pipeline.export import parity
 from pipeline.export.formats import FORMATS
 from pipeline.export.meta import ExportMeta
 

@@ -11,8 +11,8 @@ import zipfile
 import numpy as np
 import pytest
 
-from pipeline.errors import WeightsError
 from pipeline.backbones.torch_weights import LEGACY_MAGIC, read_state_dict
+from pipeline.errors import WeightsError
 
 TENSORS = collections.OrderedDict([
     ("conv.weight", np.arange(2 * 3 * 3 * 3, dtype=np.float32).reshape(2, 3, 3, 3) / 7),

@@ -6,9 +6,9 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.train import models, training
 from pipeline.catalog import TrainFiles
 from pipeline.config import FinetuneConfig, ModelConfig, TrainHeadConfig
+from pipeline.train import models, training
 
 
 def data(n=64, dim=8, classes=3, seed=0):

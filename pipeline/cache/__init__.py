@@ -1,2 +1,2 @@
-"""What the pipeline keeps between runs: folders sealed by a manifest of their files' digests (every stage's outputs, the
-feature store's entries, a sweep's reused stages)."""
+"""What the pipeline keeps between runs: folders sealed by a manifest of their files' digests (every stage's outputs,
+the feature store's entries, a sweep's reused stages)."""

@@ -3,10 +3,10 @@
 train-head's cached features depend on the images, the frozen backbone, the views and the code that computes
 them, but not on the head's own settings. Its stage folder is replaced whenever the head's dropout or learning
 rate changes, so the features live here instead: a run (or a sweep combination) that changes only the head
-finds them and trains in seconds. Each entry is a folder named by its key, written in a temporary folder and
-renamed into place (pipeline.cache.sealed_folder); `entry.json`, written last, records the digest of each file,
-and an entry whose files do not match it is discarded and recomputed, never used. The least recently used entries beyond `keep` are
-removed, so the store holds a few datasets' features at most.
+finds them and trains in seconds. Each entry is a sealed folder named by its key (pipeline.cache.sealed_folder):
+`entry.json`, written last, records the digest of each file, and an entry whose files do not match it is
+discarded and recomputed, never used. The least recently used entries beyond `keep` are removed, so the store
+holds a few datasets' features at most.
 """
 from __future__ import annotations
 
@@ -70,6 +70,11 @@ class FeatureStore:
             entry.seal({"key": key, "made": time.strftime("%Y-%m-%dT%H:%M:%S")})
         self._evict(keep_key=key)
         return self.folder(key), False
+
+    def remove_leftovers(self):
+        """Remove the temporary folders of writes that never finished (a killed run's); call with the lock held."""
+        for leftover in [self.scratch, *self.root.glob(".*.tmp")] if self.root.is_dir() else []:
+            shutil.rmtree(leftover, ignore_errors=True)
 
     def _evict(self, keep_key):
         entries = sorted((p for p in self.root.iterdir() if (p / ENTRY).is_file() and p.name != keep_key),

@@ -11,10 +11,11 @@ batch size 1. So Core ML axis `a` is NumPy axis `a + 1`, and a tensor's Core ML 
 has no rank-0 tensors: a result with every axis removed has shape (1,).
 
 Convolutions are pipeline.checkers.kernels' `conv2d`, their weights put in TensorFlow's layout once per `run`
-(or per `cache`), not per batch; TensorFlow adds the bias. Their NCHW results are read-only views of NHWC memory that TensorFlow owns, which padding keeps;
-element-wise layers write over an input that dies at them when no other blob shares its memory and it is
-writable. The four layers the NeuralNetwork converter writes for relu6 (ReLU, linear -1, threshold -6, linear -1)
-are computed at once, as min(max(x, 0), 6) + 0, which is what they compute, bit for bit (`_relu6_cap`).
+(or per `cache`), not per batch; TensorFlow adds the bias. Their NCHW results are read-only views of NHWC memory
+that TensorFlow owns, which padding keeps; element-wise layers write over an input that dies at them when no other
+blob shares its memory and it is writable. The four layers the NeuralNetwork converter writes for relu6 (ReLU,
+linear -1, threshold -6, linear -1) are computed at once, as min(max(x, 0), 6) + 0, which is what they compute, bit
+for bit (`_relu6_cap`).
 """
 from __future__ import annotations
 

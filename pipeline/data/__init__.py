@@ -1,1 +1,2 @@
-"""Reading labelled photos: dataset layouts and archives, image checks and loading, Vision's crop options, augmentation, the digits dataset."""
+"""Reading labelled photos: dataset layouts and archives, image checks and loading, the label map, Vision's crop
+options, augmentation and class balance, the digits dataset."""

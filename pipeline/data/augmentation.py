@@ -7,10 +7,10 @@ import math
 
 import numpy as np
 
-from pipeline.data import balance
 from pipeline.backbones import BACKBONES, scale_bias
-from pipeline.data.labels import class_indices
+from pipeline.data import balance
 from pipeline.data.images import load_array
+from pipeline.data.labels import class_indices
 
 PREPROCESS_KEYS = ("input_scale", "input_bias")
 

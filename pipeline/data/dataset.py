@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from pipeline import fileio
+from pipeline.data.images import is_image_name
 from pipeline.environment import keras_home
 from pipeline.errors import DataError
-from pipeline.data.images import is_image_name
 
 SPLITS = ("train", "val", "test")
 SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}

@@ -6,11 +6,9 @@ network of fifty such ops the shifts add up. Subtracting each shift from the op'
 bias correction", Nagel et al. 2019, "Data-Free Quantization Through Weight Equalization and Bias
 Correction", section 4.2): for each `conv` and `linear` op with a bias whose weights the compression changed,
 b' = b - E m, where m holds the op's input channel means over the calibration images, computed through the
-uncompressed program by `pipeline.checkers.mlprogram_numpy`. A conv's E is summed over its kernel window, so m stands for
-every position of the window (zero padding at the borders is not counted apart).
-
-On snacks (EfficientNet-Lite0 at 256 px, 955 validation images, 100 training images for the means), against
-Keras: per-channel int8 weights changed 10 top-1 answers before and 2 after; 8-bit palettes 15 and 5.
+uncompressed program by pipeline.checkers.mlprogram_numpy. A conv's E is summed over its kernel window, so m
+stands for every position of the window (zero padding at the borders is not counted apart). What it changed on
+snacks: bench/RESULTS.md, "What bias correction changed".
 """
 from __future__ import annotations
 

@@ -2,9 +2,9 @@
 while this process computes the Keras reference and checks each file as soon as it is written.
 
 Converting is mostly one core's work (coremltools' Python passes, tf2onnx, the TFLite converter), and so is much
-of checking a file; on two cores the two overlap. The worker is a spawned process (the start method macOS uses anyway), which loads the
-model from the same file this process loaded, so what it converts is what the checks measure against. With `in_worker` off every file is converted
-here instead, each when it is first waited for.
+of checking a file; on two cores the two overlap. The worker is a spawned process (the start method macOS uses
+anyway), which loads the model from the same file this process loaded, so what it converts is what the checks
+measure against. With `in_worker` off every file is converted here instead, each when it is first waited for.
 """
 from __future__ import annotations
 

@@ -133,7 +133,8 @@ def problems(path, meta):
 
 
 def load(path, labels=None):
-    """A predictor that computes the package's outputs in NumPy (pipeline.checkers.mlprogram_numpy), with its own labels."""
+    """A predictor that computes the package's outputs in NumPy (pipeline.checkers.mlprogram_numpy), with its own
+    labels."""
     from pipeline.checkers import mlprogram_numpy
 
     return mlprogram_numpy.predictor(path, labels)

@@ -6,16 +6,16 @@ import logging
 import numpy as np
 
 from pipeline import fileio
-from pipeline.data import vision_crop
-from pipeline.reporting import html_report
-from pipeline.train import models
-from pipeline.data.augmentation import split_batches
 from pipeline.backbones import scale_bias
+from pipeline.data import vision_crop
+from pipeline.data.augmentation import split_batches
+from pipeline.data.images import load_array
 from pipeline.data.labels import class_indices
 from pipeline.errors import DataError
-from pipeline.data.images import load_array
 from pipeline.progress import Progress
+from pipeline.reporting import html_report
 from pipeline.reporting.report import plot_confusion, plot_grid
+from pipeline.train import models
 from pipeline.train.training import keras_verbose
 
 log = logging.getLogger("pipeline.evaluate")

@@ -9,16 +9,16 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import fileio
-from pipeline.export import allocator
-from pipeline.train import models
 from pipeline.backbones import alpha_of
+from pipeline.data.images import load_array
 from pipeline.data.labels import class_indices
-from pipeline.export.conversions import Conversions
 from pipeline.errors import ExportError, PipelineError
+from pipeline.export import allocator
+from pipeline.export.conversions import Conversions
 from pipeline.export.formats import FORMATS
 from pipeline.export.meta import model_meta
-from pipeline.data.images import load_array
 from pipeline.export.parity import KERAS, blocking_failures, measure, smallest_line, table
+from pipeline.train import models
 
 log = logging.getLogger("pipeline.export")
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 import logging
 import shutil
 
+from pipeline.backbones import cut_layer
+from pipeline.data.augmentation import split_batches
+from pipeline.fileio import write_json
 from pipeline.train import models, training
 from pipeline.train.activations import CachedBatches, cache_split, cache_views, view_specs
-from pipeline.data.augmentation import split_batches
-from pipeline.backbones import cut_layer
-from pipeline.fileio import write_json
 
 log = logging.getLogger("pipeline.finetune")
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from pipeline import fileio
 from pipeline.data import dataset
-from pipeline.errors import DataError
 from pipeline.data.images import BadImage, inspect_bytes, is_image_name
+from pipeline.errors import DataError
 
 log = logging.getLogger("pipeline.ingest")
 

@@ -5,9 +5,9 @@ import numpy as np
 
 from pipeline import fileio
 from pipeline.catalog import FeatureFiles
+from pipeline.data.augmentation import split_batches
 from pipeline.train import models, training
 from pipeline.train.activations import ArrayFile, CachedBatches, cache_split, cache_views, view_specs
-from pipeline.data.augmentation import split_batches
 
 HEAD_ONLY = ("dropout", "l2")
 """The model keys that shape only the head, so the frozen backbone's features do not depend on them."""
