@@ -182,21 +182,11 @@ def calibrate_batchnorm(base, images):
         layer.set_weights([gamma, beta, inputs.mean(axis=(0, 1, 2)), inputs.var(axis=(0, 1, 2)) + 1e-3])
 
 
-def backbones_to_export():
-    """The registry's backbones that the every-backbone export tests convert: all but EfficientNet-Lite1, whose
-    block layout is Lite2's (the same depth) with Lite0's widths, both of which those tests cover."""
+def backbones_to_export(also_lite2=False):
+    """The registry's backbones that an every-backbone export test converts: all but EfficientNet-Lite1 and Lite2,
+    whose layers are Lite0's kinds in other widths and depths (tests/test_efficientnet_lite.py checks their
+    architecture and weights), unless `also_lite2`: the 21-block layout of both, with widths that are not Lite0's."""
     from pipeline.backbones import BACKBONES
 
-    return [name for name in sorted(BACKBONES) if name != "efficientnet_lite1"]
-
-
-def smoke_cfg(world, **sections):
-    """The smoke config on the world's dataset, with whole sections replaced by `sections` if given."""
-    from pipeline import config
-
-    cfg = config.load(SMOKE_CONFIG, data=world["data"])
-    if not sections:
-        return cfg
-    raw = {name: cfg.section(name) for name in ("data", "ingest", "augment", "model", "train_head", "finetune",
-                                                 "evaluate", "export")}
-    return config.from_dict({**raw, **sections, "data": {"path": str(world["data"])}})
+    left_out = {"efficientnet_lite1"} | (set() if also_lite2 else {"efficientnet_lite2"})
+    return [name for name in sorted(BACKBONES) if name not in left_out]

@@ -36,14 +36,6 @@ def test_the_command_line_process_allocates_from_the_pool():
     assert done.stdout.split() == ["true", "True"]
 
 
-def test_the_user_can_turn_the_pool_off():
-    probe = "import pipeline, tensorflow; from pipeline.environment import pool_allocator_in_force as f; print(f())"
-    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env={**without_pool_setting(), POOL: "false"},
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["False"]
-
-
 def test_the_conversion_worker_allocates_from_the_pool(monkeypatch):
     monkeypatch.delenv(POOL)  # the worker must set it itself, not only inherit it
     with worker_pool() as pool:

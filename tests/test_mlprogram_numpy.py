@@ -554,7 +554,7 @@ def damp_inverted_residual_branches(base, factor=0.5):
                     inbound.set_weights([gamma * factor, beta * factor, mean, variance])
 
 
-@pytest.fixture(scope="module", params=backbones_to_export())
+@pytest.fixture(scope="module", params=backbones_to_export(also_lite2=True))
 def classifier(request):
     """A 32 px classifier on each backbone (as tests/test_exporters.py builds them): seeded random weights,
     BatchNorm calibrated, residual branches damped, a head whose top class varies; Keras's probabilities."""
