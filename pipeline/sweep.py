@@ -165,8 +165,9 @@ def _run_combinations(make_config, artifacts, grid, combos, until):
 def apply(best_cfg, best_row, artifacts):
     """Make the best combination the main artifacts' config: reuse its stages there, then run the rest."""
     runner = Runner(best_cfg, artifacts)
-    reuse(runner, STAGES, [Path(best_row["folder"])])
-    return runner.run([stage.name for stage in STAGES])
+    with holding(artifacts):  # linking stages in writes there too
+        reuse(runner, STAGES, [Path(best_row["folder"])])
+        return runner.run([stage.name for stage in STAGES])
 
 
 def _sections(cfg):

@@ -190,3 +190,15 @@ def backbones_to_export(also_lite2=False):
 
     left_out = {"efficientnet_lite1"} | (set() if also_lite2 else {"efficientnet_lite2"})
     return [name for name in sorted(BACKBONES) if name not in left_out]
+
+
+def smoke_cfg(world, **sections):
+    """The smoke config on the world's dataset, with whole sections replaced by `sections` if given."""
+    from pipeline import config
+
+    cfg = config.load(SMOKE_CONFIG, data=world["data"])
+    if not sections:
+        return cfg
+    raw = {name: cfg.section(name) for name in ("data", "ingest", "augment", "model", "train_head", "finetune",
+                                                 "evaluate", "export")}
+    return config.from_dict({**raw, **sections, "data": {"path": str(world["data"])}})
