@@ -23,3 +23,11 @@ class ExportError(PipelineError):
 
 class ArtifactsError(PipelineError):
     """The artifacts folder cannot be used: the message names the folder and the fix."""
+
+    @classmethod
+    def unwritable(cls, folder, cause):
+        """The error for an artifacts folder that cannot be written, with the OS's `cause`."""
+        from pathlib import Path
+
+        return cls(f"artifacts folder '{Path(folder).absolute()}' is not writable ({cause}); pass --artifacts to a "
+                   "writable folder or fix its permissions")

@@ -16,7 +16,7 @@ import yaml
 from pipeline import code_deps, fileio
 from pipeline.cache.feature_store import FeatureStore
 from pipeline.cache.lock import holding
-from pipeline.cache.sealed_folder import SealedFolder, first_difference
+from pipeline.cache.sealed_folder import SealedFolder, first_difference, read_manifest
 from pipeline.catalog import MANIFEST, Catalog
 from pipeline.errors import ArtifactsError
 from pipeline.stages import STAGES, upstream_closure
@@ -80,14 +80,13 @@ class Runner:
 
     def manifest(self, name):
         """The manifest of a stage's cached outputs, or None if absent or unreadable (a cache miss)."""
-        path = self.catalog.stage(name).manifest
+        files = self.catalog.stage(name)
+        path = files.manifest
         try:
-            manifest = fileio.read_json(path)
-            if not isinstance(manifest, dict) or not {"key", "outputs"} <= manifest.keys():
+            manifest = read_manifest(files.root, MANIFEST, "outputs")
+            if manifest is not None and "key" not in manifest:
                 raise ValueError("incomplete manifest")
             return manifest
-        except FileNotFoundError:
-            return None
         except (ValueError, OSError) as exc:
             log.warning("manifest %s is unreadable (%s); treating %s as never run", path, exc, name)
             return None
@@ -190,8 +189,7 @@ def _make_scratch(tmp, final, artifacts):
             raise PermissionError(errno.EACCES, "cannot replace the stage folder", str(final))
         tmp.mkdir(parents=True)
     except OSError as exc:
-        raise ArtifactsError(f"artifacts folder '{Path(artifacts).absolute()}' is not writable ({exc}); pass "
-                             "--artifacts to a writable folder or fix its permissions") from exc
+        raise ArtifactsError.unwritable(artifacts, exc) from exc
 
 
 def _duration(seconds):

@@ -39,8 +39,7 @@ def holding(folder):
                                      "finish, or pass --artifacts to another folder") from None
             _held[key] = [fd, 1]
     except OSError as exc:
-        raise ArtifactsError(f"artifacts folder '{folder.absolute()}' is not writable ({exc}); pass --artifacts to a "
-                             "writable folder or fix its permissions") from exc
+        raise ArtifactsError.unwritable(folder, exc) from exc
     try:
         yield
     finally:
