@@ -33,8 +33,9 @@ all: $(STAMP)
 $(STAGES) status: $(STAMP)
 	$(RUN) $@
 
+# One worker per core (at most 4), each taking whole test modules, so that a module's fixtures are built once.
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n auto --maxprocesses 4 --dist loadscope
 
 install: $(STAMP)
 

@@ -177,3 +177,14 @@ class Catalog:
     def scratch(self, name):
         """The root for a stage's temporary folders while it runs."""
         return self.root / f".{name}.tmp"
+
+    @property
+    def temp(self):
+        """The system temporary folder of a run's processes (converters write there), so nothing lands outside."""
+        return self.root / ".tmp"
+
+    def leftovers(self, stage_names):
+        """The temporary folders a killed run may have left: the stages' scratch roots, the run's temporary folder
+        and half-unpacked archives; remove them only while holding the folder's lock."""
+        unpacking = sorted(self.sources.glob("*.tmp")) if self.sources.is_dir() else []
+        return [*(self.scratch(name) for name in stage_names), self.temp, *unpacking]

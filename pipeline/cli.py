@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 import click
@@ -76,7 +77,8 @@ def status_command():
 def verify_command():
     """Measure the exported files in --artifacts against the Keras model on the test split (the parity table).
 
-    Exits 1 if an fp32 export disagrees with Keras beyond the export thresholds or a file's interface is wrong.
+    Exits 1 if an fp32 export disagrees with Keras beyond the export thresholds, or a file's interface is wrong,
+    or a file is damaged or cannot be read (its row says why).
     """
     return ("verify", [])
 
@@ -157,9 +159,24 @@ def _execute(ctx, results, **_):
     except PipelineError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
-    except KeyboardInterrupt:
-        click.echo("interrupted: the running stage was not saved; its previous outputs are untouched", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Terminated) else signal.SIGINT
+        click.echo(f"{'terminated' if isinstance(exc, Terminated) else 'interrupted'}: the running stage was not "
+                   "saved; its previous outputs are untouched", err=True)
+        sys.exit(128 + signum)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (or SIGHUP), raised in the main thread so that it unwinds like Ctrl-C: temporary folders removed,
+    child processes stopped, previous outputs untouched."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum, _frame):
+    raise Terminated(signum)
 
 
 def _sweep(opts, item):
@@ -205,4 +222,6 @@ def _setup_logging(verbose, quiet):
 
 def main():
     """Entry point for `python -m pipeline`."""
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _raise_terminated)
     cli(prog_name="python -m pipeline")

@@ -5,10 +5,14 @@ A leaf: it imports nothing from the pipeline, so every layer may read it.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
+import sys
 from pathlib import Path
 
 WEIGHTS_DIR_ENV = "MULTISNACKS_WEIGHTS_DIR"
+KEEP_FREED_ENV = "MULTISNACKS_KEEP_FREED_MEMORY"  # "0": leave glibc's malloc as it is (for measuring)
 
 # Read by TensorFlow, tqdm and coremltools when they are first imported; a value the user set is kept.
 LIBRARY_DEFAULTS = {
@@ -28,6 +32,31 @@ def apply_library_defaults(environ=os.environ):
     """Set each of LIBRARY_DEFAULTS that `environ` does not already set; processes started later inherit them."""
     for name, value in LIBRARY_DEFAULTS.items():
         environ.setdefault(name, value)
+
+
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # mallopt parameters (glibc's malloc.h)
+_LARGEST_MMAP_THRESHOLD = 32 << 20  # glibc refuses more on 64-bit machines
+
+
+def keep_freed_memory(environ=os.environ):
+    """Ask glibc's malloc to keep freed memory for reuse: no trimming, the heap grown 1 GB at a time, and arrays
+    up to 32 MB taken from the heap rather than mapped (and unmapped when freed) one by one.
+
+    NumPy arrays, Keras's input batches and the math libraries' scratch buffers come from malloc, not from
+    TensorFlow's pool; mapped one by one, each is faulted in page by page again (bench/RESULTS.md, "Allocator").
+    Returns whether the setting was applied: False off Linux, without glibc, or with $MULTISNACKS_KEEP_FREED_MEMORY
+    set to 0.
+    """
+    if not sys.platform.startswith("linux") or environ.get(KEEP_FREED_ENV, "1") == "0":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and other C libraries have no mallopt
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return all([mallopt(_M_TRIM_THRESHOLD, 2**31 - 1), mallopt(_M_TOP_PAD, 1 << 30),
+                mallopt(_M_MMAP_THRESHOLD, _LARGEST_MMAP_THRESHOLD)])
 
 
 def keras_home():

@@ -31,3 +31,18 @@ class ArtifactsError(PipelineError):
 
         return cls(f"artifacts folder '{Path(folder).absolute()}' is not writable ({cause}); pass --artifacts to a "
                    "writable folder or fix its permissions")
+
+    @classmethod
+    def no_space(cls, folder, stage, cause):
+        """The error for a disk that filled up while `stage` wrote to the artifacts folder `folder`."""
+        import shutil
+        from pathlib import Path
+
+        folder = Path(folder).absolute()
+        try:
+            free = f"{shutil.disk_usage(folder).free / 1e9:.2f} GB free now"
+        except OSError:
+            free = "free space unknown"
+        return cls(f"no space left on the disk of artifacts folder '{folder}' ({free}) while {stage} wrote "
+                   f"'{getattr(cause, 'filename', None) or folder}'; {stage} was not saved and its previous outputs "
+                   "are untouched; free some space, or pass --artifacts to a folder on a larger disk")

@@ -40,6 +40,28 @@ def atomic_folder(path):
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def temporary_files_in(folder):
+    """Send this process's temporary files, and those of processes it starts, to `folder` (created) for the block;
+    the folder is removed afterwards (by the outermost block, when blocks on one folder nest)."""
+    folder = Path(folder).absolute()
+    if os.environ.get("TMPDIR") == str(folder):  # already so: an outer block owns the folder
+        yield folder
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    before = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"] = tempfile.tempdir = str(folder)
+    try:
+        yield folder
+    finally:
+        if before[0] is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = before[0]
+        tempfile.tempdir = before[1]
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _umask():
     mask = os.umask(0)
     os.umask(mask)

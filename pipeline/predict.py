@@ -33,7 +33,10 @@ def image_files(path):
 
 
 def load_predictor(format_name, cfg, artifacts):
-    """A Predictor for the exported file of `format_name` in the artifacts folder (or the Keras model)."""
+    """A Predictor for the exported file of `format_name` in the artifacts folder (or the Keras model).
+
+    A file that cannot be read is the loader's DamagedFile, a PipelineError naming the file, the reason and the fix.
+    """
     catalog = Catalog(artifacts)
     ingest, export = catalog.stage("ingest"), catalog.stage("export")
     if format_name == KERAS:

@@ -67,7 +67,8 @@ class Runner:
     # -- keys and manifests -------------------------------------------------------------------------
     def key(self, stage):
         """The parts of a stage's cache key: config, code and inputs digests."""
-        external = importlib.import_module(stage.module).fingerprint(self.cfg) if stage.external else None
+        external = (importlib.import_module(stage.module).fingerprint(self.cfg, self.catalog.sources)
+                    if stage.external else None)  # only ingest's module: the others import TensorFlow
         upstream = {}
         for name in stage.upstream:
             manifest = self.manifest(name)
@@ -108,12 +109,18 @@ class Runner:
         """Run the named stages, after any stale upstream stage; reuse fresh ones. Returns what ran.
 
         Holds the artifacts folder's lock throughout, so a second run on the same folder stops with a clear error
-        instead of writing beside this one.
+        instead of writing beside this one; first removes what killed runs left, and keeps every temporary file of
+        the run (its converters' included) inside the artifacts folder.
         """
         with holding(self.catalog.root):
-            if self.store.root == self.catalog.feature_store:  # the store is this folder's, so the lock covers it
-                self.store.remove_leftovers()
+            self._remove_leftovers()
             return self._run(targets, force)
+
+    def _remove_leftovers(self):
+        for leftover in self.catalog.leftovers(stage_names()):
+            shutil.rmtree(leftover, ignore_errors=True)
+        if self.store.root == self.catalog.feature_store:  # the store is this folder's, so the lock covers it
+            self.store.remove_leftovers()
 
     def _run(self, targets, force):
         ran = []
@@ -141,7 +148,7 @@ class Runner:
         started = datetime.now(timezone.utc)
         t0 = time.monotonic()
         try:
-            with sealed as folder:
+            with sealed as folder, fileio.temporary_files_in(self.catalog.temp):
                 out = self.catalog.stage(stage.name, folder.path)
                 context = StageContext(self.cfg, inputs, out, self.catalog.sources, key, self.store)
                 summary = module.run(context) or {}
@@ -154,6 +161,10 @@ class Runner:
                     "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "duration_s": round(duration, 2),
                 })
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ArtifactsError.no_space(self.catalog.root, stage.name, exc) from exc
+            raise
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         log.info("%-10s done in %s: %s", stage.name, _duration(duration), summary.get("message", ""))

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny image folders of coloured shapes built on the fly."""
 from __future__ import annotations
 
+import functools
 import os
 import zlib
 
@@ -66,6 +67,16 @@ def make_class_dataset(root, count=20, classes=CLASSES):
     for label in classes:
         write_images(root / label, label, count)
     return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def temporary_files_inside_the_test_folder(tmp_path_factory):
+    """The converters' temporary files (coremltools leaves `tmp*.mlpackage` folders) go under pytest's own temporary
+    folder, as a run's go under its artifacts folder, never into the system's."""
+    from pipeline import fileio
+
+    with fileio.temporary_files_in(tmp_path_factory.mktemp("tmp")):
+        yield
 
 
 @pytest.fixture
@@ -180,6 +191,66 @@ def calibrate_batchnorm(base, images):
         inputs = keras.Model(base.input, layer.input)(images, training=False).numpy()
         gamma, beta = layer.get_weights()[:2]
         layer.set_weights([gamma, beta, inputs.mean(axis=(0, 1, 2)), inputs.var(axis=(0, 1, 2)) + 1e-3])
+
+
+def varied_images(n, size, seed):
+    """Images that differ in colour and brightness, not only in noise: each a random tint plus texture."""
+    rng = np.random.default_rng(seed)
+    tint = rng.uniform(0, 255, (n, 1, 1, 3))
+    return np.clip(tint + rng.normal(0, 40, (n, size, size, 3)), 0, 255).astype(np.float32)
+
+
+def damp_inverted_residual_branches(base, factor=0.5):
+    """Scale the projection BatchNorm of each inverted-residual branch that is added back (`*project*` into an Add).
+
+    The MobileNetV2 / EfficientNet-Lite counterpart of `damp_residual_branches`: a random MobileNetV2 is chaotic
+    under fp16 rounding (its relative error doubles every few blocks, to 7% in the pooled features; its
+    probabilities move by up to 0.12, 0.04 once damped by half). Damped, every layer still contributes.
+    """
+    import tf_keras as keras
+
+    for layer in base.layers:
+        if isinstance(layer, keras.layers.Add):
+            for inbound in layer._inbound_nodes[0].inbound_layers:
+                if isinstance(inbound, keras.layers.BatchNormalization) and "project" in inbound.name:
+                    gamma, beta, mean, variance = inbound.get_weights()
+                    inbound.set_weights([gamma * factor, beta * factor, mean, variance])
+
+
+EXPORT_LABELS = ["circle", "red square", "étoile"]  # blue, red, yellow: sorted as classes.txt sorts them
+
+
+@functools.lru_cache(maxsize=None)
+def backbone_classifier(name):
+    """(model, meta) of a 32 px classifier on backbone `name`, built once per test session for every module that
+    exports one: seeded random weights, BatchNorm calibrated, residual branches damped, and a Dense head scaled
+    and centred on the features of varied images, so that its top-1 class varies and is not a tie. Tests must
+    not change the model."""
+    import tf_keras as keras
+
+    from pipeline.backbones import BACKBONES
+    from pipeline.config import ModelConfig
+    from pipeline.export.meta import ExportMeta
+    from pipeline.train import models
+
+    spec = BACKBONES[name]
+    keras.utils.set_random_seed(0)  # the same random network in every run
+    model = models.build_classifier(ModelConfig(backbone=name, image_size=32, weights=None), 3)
+
+    def preprocess(pixels):  # the registry's definition, written out: one scale, a bias per RGB channel
+        return pixels * spec.input_scale + np.array(spec.input_bias, dtype=np.float32)
+
+    calibrate_batchnorm(models.backbone_of(model), preprocess(varied_images(32, 32, 0)))
+    damp_residual_branches(models.backbone_of(model))
+    damp_inverted_residual_branches(models.backbone_of(model))
+    features = models.feature_extractor(model).predict(preprocess(varied_images(64, 32, 1)), verbose=0)
+    kernel = np.random.default_rng(0).normal(size=(features.shape[1], 3))
+    kernel *= 3 / (features @ kernel).std(axis=0)
+    model.get_layer("logits").set_weights([kernel.astype(np.float32),
+                                           -(features.mean(axis=0) @ kernel).astype(np.float32)])
+    meta = ExportMeta(labels=EXPORT_LABELS, image_size=32, scale=spec.input_scale, bias=spec.input_bias,
+                      author="tests", license="MIT", description="", version="0.0")
+    return model, meta
 
 
 def backbones_to_export(also_lite2=False):

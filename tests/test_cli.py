@@ -2,10 +2,13 @@
 import json
 import re
 import shutil
+import signal
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
-from conftest import SMOKE_CONFIG, base_args, invoke, ran
+from conftest import REPO, SMOKE_CONFIG, base_args, invoke, ran, snapshot
 
 from pipeline.cli import cli
 from pipeline.export import coreml
@@ -96,6 +99,16 @@ def test_status_table(world):
     assert "MultiSnacks" in lines[-1]
 
 
+def test_status_imports_no_tensorflow(world):
+    """`status` reads manifests and code digests only: it must answer in a second, not after loading TensorFlow."""
+    probe = ("import sys\nfrom pipeline.cli import cli\ntry:\n    cli(sys.argv[1:], standalone_mode=False)\n"
+             "finally:\n    print('tensorflow loaded:', 'tensorflow' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", probe, *base_args(world), "status"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "fresh" in done.stdout and done.stdout.strip().endswith("tensorflow loaded: False")
+
+
 @pytest.mark.parametrize("given_by", ["file", "--set"])
 def test_a_config_change_reruns_exactly_the_right_stages(world, tmp_path, given_by):
     """A changed value, in the config file or by --set, makes exactly the stages that read it stale."""
@@ -115,8 +128,9 @@ def test_a_config_change_reruns_exactly_the_right_stages(world, tmp_path, given_
     result = invoke(*args, "finetune")
     assert ran(result) == ["finetune"]  # naming a stage does not run what is downstream of it
     assert "learning_rate: 0.0003" in (artifacts / "finetune" / "config.yaml").read_text()
-    if given_by == "file":  # what runs next does not depend on how the value was given
-        assert ran(invoke(*args, "all")) == ["evaluate", "export"]
+    status = invoke(*args, "status")  # what runs next does not depend on how the value was given
+    states = {line.split()[0]: line.split()[1] for line in status.stdout.splitlines()[1:]}
+    assert [stage for stage, state in states.items() if state != "fresh"] == ["evaluate", "export"]
 
 
 def test_chaining_and_force(world, tmp_path):
@@ -180,6 +194,27 @@ def test_an_interrupt_is_one_line_and_exit_130(world, tmp_path, monkeypatch):
     result = CliRunner().invoke(cli, base_args(world, artifacts) + ["--force", "evaluate"])
     assert result.exit_code == 130
     assert "interrupted" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_sigterm_is_one_line_and_leaves_the_cache_as_it_was(world, tmp_path):
+    """A real SIGTERM to a real run, mid-stage: like Ctrl-C, not a silent death that leaves the stage's folder."""
+    artifacts = tmp_path / "artifacts"
+    shutil.copytree(world["artifacts"], artifacts)
+    before = snapshot(artifacts)
+    blocked = ("import sys, time\nimport pipeline.stages.evaluate as evaluate\nfrom pipeline.cli import main\n"
+               "def run(ctx):\n    (ctx.out.root / 'half.json').write_text('{')\n    print('started', flush=True)\n"
+               "    time.sleep(300)\nevaluate.run = run\nsys.argv[0] = 'multisnacks'\nmain()\n")
+    proc = subprocess.Popen([sys.executable, "-c", blocked, *base_args(world, artifacts), "--force", "evaluate"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "started"
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "terminated: the running stage was not saved" in stderr and "Traceback" not in stderr
+    assert snapshot(artifacts) == before  # no scratch folder, no lock record, previous outputs untouched
 
 
 @pytest.mark.parametrize("override, named", [

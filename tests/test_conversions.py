@@ -1,12 +1,18 @@
 """Conversions in a worker process: the same files as converting in the stage's own process, each format's
 error raised with its name, a worker that cannot start named with the fix, calibration images read only when
 a format needs them."""
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
+from conftest import REPO
+from test_parity import colour_meta, colour_model  # the tiny colour classifier of the parity tests
 
 from pipeline.errors import ExportError
 from pipeline.export.conversions import Conversions
-from test_parity import colour_meta, colour_model  # the tiny colour classifier of the parity tests
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +40,22 @@ def test_the_worker_writes_the_same_files_as_this_process(tmp_path, model, model
         summary = conversions.summary()
         assert list(summary["convert"]) == list(names) and all(s > 0 for s in summary["convert"].values())
         assert summary["calibration_images"] == 0.0
-    for name in names:
-        assert there[name].read_bytes() == here[name].read_bytes(), name
+    assert there["tflite"].read_bytes() == here["tflite"].read_bytes()
+    assert onnx_content(there["onnx"]) == onnx_content(here["onnx"])
+
+
+def onnx_content(path):
+    """What an ONNX file computes and carries, without the names of its nodes and tensors: TensorFlow numbers the
+    functions it traces per process, and tf2onnx names nodes after them, so a process that traced more before
+    writes longer names for the same graph."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(path))
+    return {"ops": [(node.op_type, [(a.name, onnx.helper.get_attribute_value(a)) for a in node.attribute
+                                    if a.type != onnx.AttributeProto.GRAPH]) for node in proto.graph.node],
+            "weights": sorted(numpy_helper.to_array(t).tobytes() for t in proto.graph.initializer),
+            "metadata": {p.key: p.value for p in proto.metadata_props}}
 
 
 def test_a_conversion_error_in_the_worker_is_raised_with_the_format_name(tmp_path, model, model_path):
@@ -72,3 +92,44 @@ def test_calibration_images_are_read_once_and_only_for_a_format_that_needs_them(
         conversions.wait_all()
         conversions.wait_all()  # a file already written is not converted again
     assert calls == [1] and (tmp_path / "a.tflite").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="finds child processes through Linux's /proc")
+def test_the_worker_ends_with_a_killed_stage(tmp_path):
+    """A real SIGKILL of the process that started a busy worker: the worker and multiprocessing's resource
+    tracker must not live on."""
+    parent = ("import os, time\nfrom pipeline.export.conversions import worker_pool\n"
+              "pool = worker_pool()\nprint(pool.submit(os.getpid).result(), flush=True)\n"
+              "pool.submit(time.sleep, 300)\ntime.sleep(300)\n")
+    proc = subprocess.Popen([sys.executable, "-c", parent], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        worker = int(proc.stdout.readline())
+        children = _children(proc.pid)
+        assert worker in children and len(children) >= 2, children  # the worker, and the resource tracker
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert [pid for pid in children if _alive(pid)] == []
+
+
+def _children(pid):
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid):
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has ended; only its exit status waits to be collected

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import tarfile
 import zipfile
@@ -11,6 +12,7 @@ from collections import Counter
 import pytest
 from conftest import CLASSES, make_class_dataset, make_split_dataset, write_images, zip_folder
 
+from pipeline import fileio
 from pipeline.config import IngestConfig
 from pipeline.data import dataset
 from pipeline.data.dataset import assign_split, detect_layout, unpack_archive
@@ -149,6 +151,51 @@ def test_unpack_archive_once(tmp_path, suffix):
     assert unpack_archive(archive, sources, LIMITS) == dest
     assert marker.is_file()
     assert sorted(p.name for p in sources.iterdir()) == [dest.name]  # no leftover temporary folder
+
+
+def test_unpacked_copy_lists_its_files(tmp_path):
+    data = make_class_dataset(tmp_path / "shapes", count=2)
+    dest = unpack_archive(zip_folder(data, tmp_path / "shapes.zip"), tmp_path / "sources", LIMITS)
+    marker = fileio.read_json(dest / ".complete")
+    assert marker["files"] == {f"shapes/{p.relative_to(data).as_posix()}": p.stat().st_size
+                               for p in data.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def dataset_warnings():
+    """The warnings logged by pipeline.data.dataset (the CLI's logging setup keeps them from pytest's caplog)."""
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("pipeline.dataset")
+    logger.addHandler(handler)
+    yield records
+    logger.removeHandler(handler)
+
+
+@pytest.mark.parametrize("suffix", [".zip", ".tar.gz"])
+@pytest.mark.parametrize("damage", ["deleted", "shortened", "old marker"])
+def test_damaged_unpacked_copy_is_unpacked_again(tmp_path, suffix, damage, dataset_warnings):
+    data = make_class_dataset(tmp_path / "shapes", count=2)
+    archive = tmp_path / f"shapes{suffix}"
+    (zip_folder if suffix == ".zip" else tar_folder)(data, archive)
+    sources = tmp_path / "sources"
+    dest = unpack_archive(archive, sources, LIMITS)
+    image = dest / "shapes" / "circle" / "img_001.jpg"
+    original = image.read_bytes()
+    if damage == "deleted":
+        image.unlink()
+    elif damage == "shortened":
+        image.write_bytes(original[:100])
+    else:
+        (dest / ".complete").write_text(str(archive))  # as earlier versions wrote it
+    assert unpack_archive(archive, sources, LIMITS) == dest
+    assert image.read_bytes() == original
+    assert [r.levelno for r in dataset_warnings] == [logging.WARNING]
+    message = dataset_warnings[0].getMessage()
+    assert f"'{dest}'" in message and f"'{archive}'" in message and "unpacking it again" in message
+    assert sorted(p.name for p in sources.iterdir()) == [dest.name]
+    assert unpack_archive(archive, sources, LIMITS) == dest and len(dataset_warnings) == 1  # intact again
 
 
 @pytest.mark.parametrize("suffix, content", [(".zip", b"PK\x03\x04 not really a zip"),

@@ -1,14 +1,16 @@
-"""The evaluate stage's metrics and its error for an empty test split."""
+"""The evaluate stage's metrics, its report's sections and its error for an empty test split."""
+import csv
 import shutil
 
 import numpy as np
 import pytest
+from conftest import SMOKE_CONFIG, make_split_dataset
 
-from conftest import SMOKE_CONFIG
 from pipeline import config
 from pipeline.catalog import Catalog
 from pipeline.errors import DataError
-from pipeline.runner import StageContext
+from pipeline.reporting.report import dataset_section
+from pipeline.runner import Runner, StageContext
 from pipeline.stages import evaluate
 
 
@@ -38,9 +40,9 @@ def test_empty_test_split_is_a_clear_error(world, tmp_path):
 def test_vision_options_are_measured_and_recommended_in_the_report(world):
     import json
 
+    from pipeline.backbones import BACKBONES
     from pipeline.data import vision_crop
     from pipeline.train import models
-    from pipeline.backbones import BACKBONES
 
     artifacts = world["artifacts"]
     metrics = json.loads((artifacts / "evaluate" / "metrics.json").read_text())
@@ -68,3 +70,36 @@ def test_swift_class_name_is_what_xcode_generates():
     assert evaluate.swift_class_name("MultiSnacks") == "MultiSnacks"
     assert evaluate.swift_class_name("my-model") == "my_model"
     assert evaluate.swift_class_name("3d") == "_3d"
+
+
+def test_report_opens_with_the_dataset_as_ingest_saw_it(tmp_path):
+    data = make_split_dataset(tmp_path / "tv", counts={"train": 8, "val": 3}, splits=("train", "val"))
+    shutil.copyfile(data / "val" / "circle" / "img_100.jpg", data / "val" / "circle" / "copy.jpg")
+    (data / "train" / "circle" / "empty.jpg").write_bytes(b"")
+    (data / "train" / "circle" / "notes.txt").write_text("taken on holiday")
+    artifacts = tmp_path / "artifacts"
+    assert Runner(config.load(SMOKE_CONFIG, data=data), artifacts).run(["evaluate"])[-1] == "evaluate"
+    report = (artifacts / "evaluate" / "report.md").read_text(encoding="utf-8")
+    headings = [line for line in report.splitlines() if line.startswith("## ")]
+    assert headings[0] == "## Dataset"
+    section = report.split("## Dataset\n", 1)[1].split("\n## ", 1)[0]
+    assert "\n- no test/ folder: the test split was made from the training images (" in section
+    assert "\n- 1 image(s) appear more than once within one split\n" in section
+    assert "Bad images skipped: 1; files ignored: 1 " in section
+    with open(artifacts / "ingest" / "index.csv", newline="", encoding="utf-8") as f:
+        splits = [row["split"] for row in csv.DictReader(f)]
+    for split in ("train", "val", "test"):
+        assert f"\n| {split} | {splits.count(split)} |\n" in section
+    page = (artifacts / "evaluate" / "report.html").read_text(encoding="utf-8")
+    assert page.index("<h2>Dataset</h2>") < page.index("<h2>Per class</h2>")
+    assert "<li>no test/ folder: the test split was made from the training images (" in page
+
+
+def test_dataset_section_lists_twenty_warnings_and_counts_the_rest():
+    warnings = [f"class 'c{i}' has no images in the val split" for i in range(23)]
+    report = {"source": "/data/shapes", "layout": "classes", "classes": ["a", "b"],
+              "images": {"train": 5, "val": 2, "test": 1}, "notes": [], "warnings": warnings,
+              "bad_images": [], "ignored_files": []}
+    lines = dataset_section(report, "../ingest/ingest_report.json")
+    assert [line for line in lines if line.startswith("- ")] == [
+        *(f"- {w}" for w in warnings[:20]), "- and 3 more in [ingest_report.json](../ingest/ingest_report.json)"]

@@ -1,11 +1,19 @@
 """The export stage's own functions: calibration images from the train split only, export_file handing them to
-the formats that need them, and the breakdown of where the export's time went."""
+the formats that need them, and the breakdown of where the export's time went; and what loading and verifying
+make of a damaged exported file."""
+import os
+import re
+import shutil
+
 import numpy as np
 import pytest
 from PIL import Image
+from test_exporters import LABELS, PROTOTYPES, colour_model, conv_model, solid
+from test_exporters import meta as tiny_meta
 
 from pipeline import config
 from pipeline.catalog import IngestFiles
+from pipeline.checkers.kernels import DamagedFile
 from pipeline.errors import ExportError
 from pipeline.export import conversions
 from pipeline.export.formats import FORMATS
@@ -115,3 +123,128 @@ def test_the_wall_time_is_shown_apart_from_the_sum_when_conversions_overlap_the_
     lines = export.time_table(breakdown).splitlines()
     assert lines[-2] == "| all | 4.0 | 5.5 | 1.0 | 10.5 |"
     assert lines[-1].startswith("| elapsed (wall time") and lines[-1].endswith("| - | - | - | 7.5 |")
+
+
+
+# -- damaged exported files ----------------------------------------------------------------------------------
+
+def _half(path):
+    """Cut the file to the first half of its bytes, as an interrupted copy leaves it."""
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+def _weights(package):
+    return package / "Data" / "com.apple.CoreML" / "weights" / "weight.bin"
+
+
+KINDS = {"coreml": "Core ML model (.mlmodel)", "coreml-mlprogram-fp32": "Core ML ML Program (.mlpackage)",
+         "onnx": "ONNX model", "tflite": "TFLite model"}
+# (format, what is done to a good file, words of the reader's reason)
+DAMAGES = {
+    "truncated .mlmodel": ("coreml", _half, "Error parsing message"),
+    "empty .mlmodel": ("coreml", lambda p: p.write_bytes(b""), "holds no model"),
+    "truncated .mlpackage spec": ("coreml-mlprogram-fp32",
+                                  lambda p: _half(p / "Data" / "com.apple.CoreML" / "model.mlmodel"),
+                                  "Error parsing message"),
+    "removed weights": ("coreml-mlprogram-fp32", lambda p: _weights(p).unlink(), "No such file"),
+    "truncated weights": ("coreml-mlprogram-fp32", lambda p: _half(_weights(p)), "weights/weight.bin ends at byte"),
+    "removed manifest": ("coreml-mlprogram-fp32", lambda p: (p / "Manifest.json").unlink(), "manifest"),
+    "garbage .onnx": ("onnx", lambda p: p.write_bytes(bytes(range(256)) * 4), "(Error parsing|INVALID_PROTOBUF)"),
+    "truncated .tflite": ("tflite", _half, "not a valid Flatbuffer"),
+}
+
+
+@pytest.fixture(scope="module")
+def good_files(tmp_path_factory):
+    """{format: path} of a tiny model exported once in each format of KINDS (the ML Program from a convolutional
+    model, whose weights are too many to be kept in the spec: they are in its weights file)."""
+    folder = tmp_path_factory.mktemp("good")
+    files = {}
+    for name in KINDS:
+        fmt = FORMATS[name]
+        files[name] = folder / f"MultiSnacks{fmt.suffix}"
+        fmt.exporter().export(conv_model() if fmt.suffix.endswith(".mlpackage") else colour_model(), tiny_meta(),
+                              files[name], fmt.precision)
+    return files
+
+
+def copied(source, folder):
+    """A copy of the file or package `source` in `folder`."""
+    path = folder / source.name
+    (shutil.copytree if source.is_dir() else shutil.copy)(source, path)
+    return path
+
+
+def damaged_copy(good_files, folder, damage):
+    """A copy of the good file of the damage's format in `folder`, damaged; returns (format name, path)."""
+    name, change, _ = DAMAGES[damage]
+    path = copied(good_files[name], folder)
+    change(path)
+    return name, path
+
+
+def assert_names_file_reason_and_fix(message, path, reason):
+    assert str(path) in message and "\n" not in message, message
+    assert re.search(reason, message), message
+    assert "damaged or truncated: run `python -m pipeline export --force` to rewrite it, or copy it again" in message
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_file_is_one_error_naming_the_file_the_reason_and_the_fix(good_files, tmp_path, damage):
+    name, path = damaged_copy(good_files, tmp_path, damage)
+    module = FORMATS[name].exporter()
+    with pytest.raises(DamagedFile) as error:  # a PipelineError: one "error: ..." line from the CLI
+        module.load(path, LABELS)
+    assert f"cannot read this {KINDS[name]} (" in str(error.value)
+    assert_names_file_reason_and_fix(str(error.value), path, DAMAGES[damage][2])
+    assert module.problems(path, tiny_meta()) == ["damaged file"]  # fails a verify row, beside the error above
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+@pytest.mark.parametrize("name", KINDS)
+def test_an_unreadable_file_is_one_error_saying_to_make_it_readable(good_files, tmp_path, name):
+    path = copied(good_files[name], tmp_path)
+    (path / "Data" / "com.apple.CoreML" / "model.mlmodel" if path.is_dir() else path).chmod(0)
+    with pytest.raises(DamagedFile, match="make it readable") as error:
+        FORMATS[name].exporter().load(path, LABELS)
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
+    assert FORMATS[name].exporter().problems(path, tiny_meta()) == ["unreadable file"]
+
+
+def test_damaged_files_get_failed_rows_in_the_parity_table_and_stop_verify(good_files, tmp_path):
+    from pipeline.config import ExportConfig
+    from pipeline.export import parity
+
+    files = dict(good_files)
+    for damage in ("truncated .mlmodel", "removed weights", "garbage .onnx"):
+        name, files[name] = damaged_copy(good_files, tmp_path, damage)
+    model = colour_model()
+    model.save(tmp_path / "model.h5")
+    pixels = np.stack([solid(colour) for colour in PROTOTYPES])
+    rows = parity.measure(files, model, tmp_path / "model.h5", tiny_meta(), pixels, np.arange(3),
+                          ExportConfig(latency_images=1))
+    by_format = {r["format"]: r for r in rows}
+    for name in ("coreml", "coreml-mlprogram-fp32", "onnx"):
+        row = by_format[name]
+        assert not row["passed"] and "top1_agreement" not in row
+        assert row["verdict"].startswith(f"FAILED: damaged file; {files[name]}: cannot read this {KINDS[name]} (")
+    assert by_format["tflite"]["passed"]  # the good file beside them is still measured
+    assert {r["format"] for r in parity.blocking_failures(rows)} == {"coreml", "coreml-mlprogram-fp32", "onnx"}
+    assert "cannot read this" in parity.table(rows)
+
+
+def test_a_file_core_ml_itself_cannot_read_is_a_damaged_file_too(tmp_path, monkeypatch):
+    import coremltools as ct
+
+    from pipeline.export import coreml_runtime
+
+    def refuse(path):  # Core ML runs only on macOS: this stands in for its answer to a cut-off file
+        raise RuntimeError("Error reading protobuf spec.\nvalidator error: truncated")
+
+    monkeypatch.setattr(ct.models, "MLModel", refuse)
+    path = tmp_path / "MultiSnacks.mlmodel"
+    path.write_bytes(b"\x08")
+    with pytest.raises(DamagedFile) as error:
+        coreml_runtime.load(path, LABELS)
+    assert_names_file_reason_and_fix(str(error.value), path, "Error reading protobuf spec. validator error")

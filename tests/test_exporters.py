@@ -3,9 +3,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import backbones_to_export, calibrate_batchnorm, damp_residual_branches
-
-from pipeline.backbones import BACKBONES
+from conftest import EXPORT_LABELS, backbone_classifier, backbones_to_export, varied_images
 
 from pipeline.export import coreml, mlprogram, tflite
 from pipeline.export import onnx as onnx_export
@@ -13,7 +11,7 @@ from pipeline.export.formats import FORMATS, PRECISIONS
 from pipeline.export.meta import ExportMeta
 from pipeline.export.parity import compare
 
-LABELS = ["circle", "red square", "étoile"]  # blue, red, yellow: sorted as classes.txt sorts them
+LABELS = EXPORT_LABELS
 PROTOTYPES = np.array([[0, 0, 255], [255, 0, 0], [255, 255, 0]], dtype=np.float32)  # RGB 0-255
 SIZE = 16
 
@@ -188,44 +186,15 @@ def test_tflite_interface_is_checked(tmp_path, model):
     assert any("input should be" in p for p in problems) and any("output should be" in p for p in problems)
 
 
-def varied_images(n, size, seed):
-    """Images that differ in colour and brightness, not only in noise: each a random tint plus texture."""
-    rng = np.random.default_rng(seed)
-    tint = rng.uniform(0, 255, (n, 1, 1, 3))
-    return np.clip(tint + rng.normal(0, 40, (n, size, size, 3)), 0, 255).astype(np.float32)
-
-
 @pytest.fixture(scope="module", params=backbones_to_export())
-def backbone_classifier(request):
-    """A small classifier on each registered backbone: random weights, BatchNorm calibrated, and a Dense layer
-    scaled and centred on the features of varied images, so that its top-1 class varies and is not a tie."""
-    from pipeline.train import models
-    from pipeline.config import ModelConfig
-
-    name = request.param
-    spec = BACKBONES[name]
-    import tf_keras as keras
-
-    keras.utils.set_random_seed(0)  # the same random network in every run
-    model = models.build_classifier(ModelConfig(backbone=name, image_size=32, weights=None), 3)
-
-    def preprocess(pixels):  # the registry's definition, written out
-        return pixels * spec.input_scale + np.array(spec.input_bias, dtype=np.float32)
-
-    calibrate_batchnorm(models.backbone_of(model), preprocess(varied_images(32, 32, 0)))
-    damp_residual_branches(models.backbone_of(model))
-    features = models.feature_extractor(model).predict(preprocess(varied_images(64, 32, 1)), verbose=0)
-    kernel = np.random.default_rng(0).normal(size=(features.shape[1], 3))
-    kernel *= 3 / (features @ kernel).std(axis=0)
-    model.get_layer("logits").set_weights([kernel.astype(np.float32), -(features.mean(axis=0) @ kernel).astype(np.float32)])
-    backbone_meta = ExportMeta(labels=LABELS, image_size=32, scale=spec.input_scale, bias=spec.input_bias,
-                               author="tests", license="MIT", description="", version="0.0")
-    return name, model, backbone_meta
+def classifier(request):
+    """(name, model, meta) of the shared small classifier on each registered backbone (conftest)."""
+    return (request.param, *backbone_classifier(request.param))
 
 
 @pytest.mark.parametrize("name", ["coreml", "onnx", "tflite"])  # the ML Program: tests/test_mlprogram_numpy.py
-def test_every_backbone_exports_and_agrees_with_keras(tmp_path, backbone_classifier, name):
-    backbone, model, backbone_meta = backbone_classifier
+def test_every_backbone_exports_and_agrees_with_keras(tmp_path, classifier, name):
+    backbone, model, backbone_meta = classifier
     fmt = FORMATS[name]
     path = tmp_path / f"m{fmt.suffix}"
     module = fmt.exporter()

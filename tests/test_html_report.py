@@ -1,5 +1,6 @@
 """report.html: the Markdown report as one file, its images embedded; and, where Chromium exists, rendered."""
 import base64
+import html
 import importlib.util
 import sys
 
@@ -23,10 +24,25 @@ def test_images_are_embedded_and_tables_and_code_render(tmp_path):
     assert page.startswith("<!DOCTYPE html>") and "<title>t</title>" in page
 
 
+def test_file_names_in_the_dataset_section_show_as_they_are(tmp_path):
+    from pipeline.reporting.report import dataset_section
+
+    warnings = ["label conflict: the same image is 'train/cat/<b>_x_*1*.jpg' (cat) and 'train/dog/a|b.jpg' (dog); "
+                "keep it in one class only"]
+    report = {"source": "/data/<i>shapes</i>", "layout": "splits", "classes": ["cat", "dog"],
+              "images": {"train": 5, "val": 2, "test": 1}, "notes": [], "warnings": warnings,
+              "bad_images": [], "ignored_files": []}
+    page = html_report.render("\n".join(dataset_section(report, "../ingest/ingest_report.json")) + "\n", {}, "t")
+    assert "<h2>Dataset</h2>" in page and "<b>" not in page and "<em>" not in page
+    assert f"<li>{html.escape(warnings[0], quote=False)}</li>" in page
+    assert f"Source: {html.escape('/data/<i>shapes</i>', quote=False)} (split folders)" in page
+
+
 def test_the_evaluate_stage_writes_a_self_contained_report(world):
     page = (world["artifacts"] / "evaluate" / "report.html").read_text(encoding="utf-8")
     assert page.count("data:image/png;base64,") >= 3  # confusion matrix, worst predictions, training curves
     assert "Using the model in your app" in page
+    assert page.index("<h2>Dataset</h2>") < page.index("<h2>Per class</h2>")
 
 
 def _tool():

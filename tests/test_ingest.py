@@ -1,11 +1,15 @@
 """The ingest stage, run through the Runner on tiny folders of coloured shapes."""
 from __future__ import annotations
 
+import builtins
 import csv
 import errno
 import hashlib
+import io
 import json
+import logging
 import os
+import re
 import shutil
 import unicodedata
 import zipfile
@@ -30,12 +34,15 @@ from PIL import Image
 from pipeline import fileio
 from pipeline.catalog import Catalog
 from pipeline.config import from_dict
-from pipeline.data.dataset import SPLITS, assign_split
+from pipeline.data.dataset import SPLITS, assign_split, is_archive
 from pipeline.errors import ConfigError, DataError, PipelineError
 from pipeline.runner import Runner
 from pipeline.stages import BY_NAME
+from pipeline.stages.ingest import fingerprint
 
 ETOILE = "\u00e9toile"  # NFC
+NFD_ETOILE = "e\u0301toile"
+DENIED = os.strerror(errno.EACCES)  # "Permission denied"
 
 
 def runner_for(data, artifacts, **ingest):
@@ -301,6 +308,36 @@ def test_zip_archive_as_data_path(split_dataset, tmp_path):
     assert runner_for(archive, artifacts).run(["ingest"]) == []
 
 
+def test_damaged_unpacked_archive_is_unpacked_again(split_dataset, tmp_path):
+    archive = zip_folder(split_dataset, tmp_path / "shapes.zip")
+    artifacts = tmp_path / "artifacts"
+    runner = runner_for(archive, artifacts)
+    assert runner.run(["ingest"]) == ["ingest"]
+    image = Path(outputs(artifacts).index[0]["path"])
+    original = image.read_bytes()
+    image.unlink()
+    assert runner.freshness(BY_NAME["ingest"]).reasons == ["inputs changed"]
+    assert runner.run(["ingest"]) == ["ingest"]
+    assert image.read_bytes() == original
+    out = outputs(artifacts)
+    assert out.counts == {label: {"train": 8, "val": 3, "test": 3} for label in CLASSES}
+    assert all(Path(row["path"]).is_file() for row in out.index)
+
+
+def test_archive_fingerprint_tells_a_damaged_unpacked_copy(split_dataset, tmp_path):
+    archive = zip_folder(split_dataset, tmp_path / "shapes.zip")
+    artifacts = tmp_path / "artifacts"
+    runner = runner_for(archive, artifacts)
+    assert runner.run(["ingest"]) == ["ingest"]
+    sources = Catalog(artifacts).sources
+    whole = {"archive": str(archive.resolve()), "sha256": hashlib.sha256(archive.read_bytes()).hexdigest()}
+    assert fingerprint(runner.cfg, sources) == fingerprint(runner.cfg) == whole
+    image = Path(outputs(artifacts).index[0]["path"])
+    image.unlink()
+    damaged = fingerprint(runner.cfg, sources)
+    assert damaged.pop("unpacked").startswith("damaged: ") and damaged == whole
+
+
 def test_unchanged_dataset_is_not_ingested_again(split_dataset, tmp_path):
     runner = runner_for(split_dataset, tmp_path / "artifacts")
     assert runner.run(["ingest"]) == ["ingest"]
@@ -325,6 +362,146 @@ def test_nfd_folder_name_gives_nfc_label(tmp_path):
     assert out.classes_text.encode("utf-8").count("\u00e9".encode("utf-8")) == 1
     assert {r["label"] for r in out.index} == {"circle", "red square", ETOILE}
     assert out.counts[ETOILE] == {"train": 3, "val": 1, "test": 1}
+
+
+@pytest.mark.parametrize("layout", ["splits", "classes"])
+def test_class_folders_differing_only_in_normalisation_are_an_error(tmp_path, layout):
+    if layout == "splits":
+        root = make_split_dataset(tmp_path / "d", counts={"train": 3, "val": 1, "test": 1})
+        parent = root / "train"
+    else:
+        root = parent = make_class_dataset(tmp_path / "d", count=3)
+    write_images(parent / NFD_ETOILE, ETOILE, 2, start=500)
+    assert {p.name for p in parent.iterdir()} >= {ETOILE, NFD_ETOILE}  # two folders on disk
+    artifacts = tmp_path / "artifacts"
+    with pytest.raises(DataError) as excinfo:
+        runner_for(root, artifacts).run(["ingest"])
+    message = str(excinfo.value)
+    assert f"'{parent / ETOILE}'" in message and f"'{parent / NFD_ETOILE}'" in message
+    assert "'\\xe9toile'" in message and "'e\\u0301toile'" in message  # their code points, told apart
+    assert "differ only in Unicode normalisation" in message and "rename one" in message
+    assert not (artifacts / "ingest").exists()
+
+
+def test_one_class_written_in_two_normalisations_across_splits_is_one_class(tmp_path):
+    root = make_split_dataset(tmp_path / "d", counts={"train": 3, "val": 1, "test": 1},
+                              classes=("circle", "red square"))
+    write_images(root / "train" / ETOILE, ETOILE, 3, start=300)
+    write_images(root / "val" / NFD_ETOILE, ETOILE, 1, start=400)
+    write_images(root / "test" / NFD_ETOILE, ETOILE, 1, start=500)
+    out = ingest(root, tmp_path / "artifacts")
+    assert out.classes_text.encode("utf-8") == "circle\nred square\n\u00e9toile\n".encode("utf-8")
+    assert {r["label"] for r in out.index} == {"circle", "red square", ETOILE}
+    assert out.counts[ETOILE] == {"train": 3, "val": 1, "test": 1}
+    assert out.report["classes"] == out.classes and out.report["warnings"] == []
+
+
+# -- files and folders that cannot be read ---------------------------------------------------------
+
+class Unreadable:
+    """Gives paths mode 000, and back. Root ignores mode bits: for root, opening or listing such a path is made to
+    fail as it does for anyone else."""
+
+    def __init__(self, monkeypatch):
+        self.paths = set()
+        if os.geteuid() == 0:
+            for module, name in ((os, "scandir"), (io, "open"), (builtins, "open")):
+                monkeypatch.setattr(module, name, self._refusing(getattr(module, name)))
+
+    def __call__(self, path):
+        path.chmod(0)
+        self.paths.add(path)
+        return path
+
+    def restore(self, path):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+        self.paths.discard(path)
+
+    def _refusing(self, real):
+        def call(*args, **kwargs):
+            if args and isinstance(args[0], (str, os.PathLike)) and Path(args[0]) in self.paths:
+                raise PermissionError(errno.EACCES, DENIED, str(args[0]))
+            return real(*args, **kwargs)
+
+        return call
+
+
+@pytest.fixture
+def unreadable(monkeypatch):
+    """unreadable(path): the path with mode 000 (as for a user other than root), until the test ends."""
+    made = Unreadable(monkeypatch)
+    yield made
+    for path in list(made.paths):
+        made.restore(path)
+
+
+def test_unreadable_image_is_a_bad_image(split_dataset, tmp_path, unreadable):
+    image = unreadable(split_dataset / "train" / "circle" / "img_002.jpg")
+    out = ingest(split_dataset, tmp_path / "artifacts")
+    assert out.report["bad_images"] == [{"path": str(image), "reason": f"cannot be read: {DENIED}"}]
+    assert str(image) not in out.by_path and out.counts["circle"]["train"] == 7
+    with pytest.raises(DataError) as excinfo:
+        runner_for(split_dataset, tmp_path / "artifacts2", on_bad_image="fail").run(["ingest"])
+    message = str(excinfo.value)
+    assert f"bad image '{image}': cannot be read: {DENIED}" in message
+    assert f"fix its permissions (chmod a+r '{image}') or remove the file" in message
+
+
+def test_image_made_readable_is_ingested_again(split_dataset, tmp_path, unreadable):
+    image = unreadable(split_dataset / "train" / "circle" / "img_002.jpg")
+    runner = runner_for(split_dataset, tmp_path / "artifacts")
+    assert runner.run(["ingest"]) == ["ingest"]
+    unreadable.restore(image)
+    assert runner.freshness(BY_NAME["ingest"]).reasons == ["inputs changed"]
+    assert runner.run(["ingest"]) == ["ingest"]
+    out = outputs(tmp_path / "artifacts")
+    assert str(image) in out.by_path and out.report["bad_images"] == []
+
+
+@pytest.mark.parametrize("make, folder", [
+    (make_split_dataset, "train/circle"), (make_split_dataset, "train/circle/sub"), (make_split_dataset, "val"),
+    (make_split_dataset, "."), (make_class_dataset, "circle"),
+])
+def test_folder_that_cannot_be_listed_is_an_error(tmp_path, unreadable, make, folder):
+    root = make(tmp_path / "d")
+    folder = root / folder
+    if not folder.exists():
+        write_images(folder, "circle", 2, start=900)
+    unreadable(folder)
+    artifacts = tmp_path / "artifacts"
+    with pytest.raises(DataError) as excinfo:  # never a class fewer
+        runner_for(root, artifacts).run(["ingest"])
+    message = str(excinfo.value)
+    assert f"dataset folder '{folder}' cannot be listed ({DENIED})" in message
+    assert f"chmod -R a+rX '{folder}'" in message and "remove it" in message
+    assert not (artifacts / "ingest").exists()
+
+
+def test_status_shows_unreadable_files_and_folders(split_dataset, tmp_path, unreadable):
+    runner = runner_for(split_dataset, tmp_path / "artifacts")
+    assert runner.run(["ingest"]) == ["ingest"]
+    image = unreadable(split_dataset / "train" / "circle" / "img_002.jpg")
+    folder = unreadable(split_dataset / "val" / "red square")
+    (row, *_) = runner.status()
+    assert (row["stage"], row["state"], row["why"]) == ("ingest", "stale", "inputs changed")
+    entries = {name: rest for name, *rest in fingerprint(runner.cfg)["files"]}
+    assert entries["train/circle/img_002.jpg"] == [image.stat().st_size, f"unreadable: {DENIED}"]
+    assert entries["val/red square"] == ["folder", f"unlistable: {DENIED}"]
+    assert not [name for name in entries if name.startswith("val/red square/")]
+    unreadable.restore(image)
+    unreadable.restore(folder)
+    assert runner.run(["ingest"]) == []  # the same key as before
+
+
+def test_unreadable_archive_is_a_clear_error(split_dataset, tmp_path, unreadable):
+    archive = unreadable(zip_folder(split_dataset, tmp_path / "shapes.zip")).resolve()
+    runner = runner_for(archive, tmp_path / "artifacts")
+    assert runner.status()[0]["state"] == "never run"
+    assert fingerprint(runner.cfg) == {"archive": str(archive), "sha256": f"unreadable: {DENIED}"}
+    with pytest.raises(DataError) as excinfo:
+        runner.run(["ingest"])
+    message = str(excinfo.value)
+    assert f"dataset archive '{archive}' cannot be read ({DENIED})" in message and "chmod a+r" in message
 
 
 # -- an artifacts folder that cannot be written ----------------------------------------------------
@@ -544,3 +721,96 @@ def test_archive_limits_come_from_the_ingest_config(split_dataset, tmp_path):
 def test_new_ingest_keys_are_validated(key, value):
     with pytest.raises(ConfigError, match=f"ingest.{key}"):
         from_dict({"ingest": {key: value}})
+
+
+# -- identical images under two labels, archives inside the dataset, what the log says ----------------
+
+@pytest.fixture
+def pipeline_log():
+    """Every record the pipeline logs at INFO and above (the CLI's logging setup keeps them from pytest's caplog)."""
+    records = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    logger = logging.getLogger("pipeline")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield records
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def warning_lines(records):
+    return [r.getMessage() for r in records if r.levelno >= logging.WARNING]
+
+
+def test_same_image_under_two_labels_is_one_label_conflict(split_dataset, tmp_path):
+    train, test = split_dataset / "train", split_dataset / "test"
+    shutil.copyfile(train / "circle" / "img_003.jpg", train / "red square" / "copy.jpg")  # within one split
+    original = train / "circle" / "img_004.jpg"
+    shutil.copyfile(original, test / "circle" / "c.jpg")  # across splits, and under two labels there
+    shutil.copyfile(original, test / ETOILE / "b.jpg")
+    artifacts = tmp_path / "artifacts"
+    out = ingest(split_dataset, artifacts)
+    assert warnings_about(out, "label conflict") == [
+        "label conflict: the same image is 'train/circle/img_003.jpg' (circle) and 'train/red square/copy.jpg' "
+        "(red square); keep it in one class only",
+        "label conflict: the same image is 'train/circle/img_004.jpg' (circle), 'test/circle/c.jpg' (circle) and "
+        f"'test/{ETOILE}/b.jpg' ({ETOILE}); keep it in one class only"]
+    assert not warnings_about(out, "leakage") and not warnings_about(out, "more than once")  # each group once
+    manifest = json.loads(Catalog(artifacts).stage("ingest").manifest.read_text(encoding="utf-8"))
+    assert (manifest["summary"]["label_conflicts"], manifest["summary"]["leaks"]) == (2, 0)
+    assert (out.report["label_conflicts"], out.report["leaks"]) == (2, 0)
+
+
+def test_summary_counts_are_the_warning_lines_printed(tmp_path, pipeline_log):
+    root = make_split_dataset(tmp_path / "tv", counts={"train": 8, "val": 3}, splits=("train", "val"))  # a note
+    folder = root / "train" / "circle"
+    plant_bad_images(folder)
+    (folder / ".DS_Store").write_bytes(b"x")  # ignored without a warning
+    (folder / "more.zip").write_bytes(b"PK\x05\x06" + bytes(18))  # an empty zip: ignored, warned about
+    (folder / "secret.jpg").symlink_to(write_images(tmp_path / "outside", "circle", 1, start=800)[0])  # the same
+    shutil.copyfile(folder / "img_001.jpg", root / "train" / "red square" / "copy.jpg")  # a label conflict
+    out = ingest(root, tmp_path / "artifacts")
+    (summary,) = [r.getMessage() for r in pipeline_log if r.getMessage().startswith("ingest ") and " done in " in
+                  r.getMessage()]
+
+    def number(pattern):
+        found = re.search(pattern, summary)
+        assert found, f"no {pattern!r} in the summary line {summary!r}"
+        return int(found.group(1))
+
+    lines = warning_lines(pipeline_log)
+    bad = [line for line in lines if line.startswith("skipping bad image ")]
+    ignoring = [line for line in lines if line.startswith("ignoring ")]
+    other = [line for line in lines if line not in bad + ignoring]
+    assert (len(bad), len(ignoring)) == (2, 2)
+    assert number(r"(\d+) bad image") == len(bad)
+    assert number(r"(\d+) warned about") == len(ignoring)
+    assert number(r"(\d+) other warning") == len(other) and other == out.report["warnings"]
+    assert any(line.startswith("label conflict: ") for line in other)
+    assert number(r"(\d+) file\(s\) ignored") == len(out.report["ignored_files"]) == 3
+    (note,) = out.report["notes"]
+    assert "no test/ folder" in note and [r.levelno for r in pipeline_log if r.getMessage() == note] == [logging.INFO]
+
+
+def test_archive_inside_the_dataset_is_named_and_warned_about(split_dataset, tmp_path, pipeline_log):
+    folder = split_dataset / "train" / "circle"
+    zip_folder(write_images(tmp_path / "more", "circle", 2, start=900)[0].parent, folder / "more.zip")
+    for name in ("old.tar.gz", "old.tgz", "old.TAR"):
+        (folder / name).write_bytes(b"\0" * 1024)
+    (split_dataset / "train" / "batch.zip").write_bytes(b"PK\x05\x06" + bytes(18))  # beside the class folders
+    (folder / "notes.txt").write_text("taken on holiday")
+    planted = [folder / "more.zip", *(folder / n for n in ("old.tar.gz", "old.tgz", "old.TAR", "notes.txt")),
+               split_dataset / "train" / "batch.zip"]
+    archives = [p for p in planted if is_archive(p)]
+    assert len(archives) == 5
+    out = ingest(split_dataset, tmp_path / "artifacts")
+    reasons = {item["path"]: item["reason"] for item in out.report["ignored_files"]}
+    expected = ("an archive inside the dataset; not unpacked: unpack it into its class folder, or pass the archive "
+                "itself as --data")
+    assert reasons == {**{str(p): expected for p in archives}, str(folder / "notes.txt"): "not an image file name"}
+    lines = warning_lines(pipeline_log)
+    for archive in archives:
+        assert [line for line in lines if str(archive) in line] == [f"ignoring {archive}: {expected}"]
+    assert len(lines) == len(archives) and out.counts["circle"]["train"] == 8

@@ -5,17 +5,16 @@ Expected values come from NumPy written here (from the MIL op definitions) or fr
 """
 import numpy as np
 import pytest
-from conftest import backbones_to_export, calibrate_batchnorm, damp_residual_branches
+from conftest import EXPORT_LABELS, backbone_classifier, backbones_to_export, varied_images
 
-from pipeline.backbones import BACKBONES
 from pipeline.checkers import mlprogram_numpy
 from pipeline.checkers.kernels import CannotVerify
+from pipeline.config import ModelConfig
 from pipeline.export import mlprogram
-from pipeline.export.meta import ExportMeta
 from pipeline.export.parity import compare
 
 RNG = np.random.default_rng(11)
-LABELS = ["circle", "red square", "étoile"]
+LABELS = EXPORT_LABELS
 
 
 def fp16(values):
@@ -530,65 +529,28 @@ def test_image_input_colour_order_and_preprocessing_come_from_the_package(folder
 
 # -- every registry backbone's classifier against Keras ------------------------------------------------------
 
-def varied_images(n, size, seed):
-    """Images that differ in colour and brightness, not only in noise: each a random tint plus texture."""
-    rng = np.random.default_rng(seed)
-    tint = rng.uniform(0, 255, (n, 1, 1, 3))
-    return np.clip(tint + rng.normal(0, 40, (n, size, size, 3)), 0, 255).astype(np.float32)
-
-
-def damp_inverted_residual_branches(base, factor=0.5):
-    """Scale the projection BatchNorm of each inverted-residual branch that is added back (`*project*` into an Add).
-
-    The MobileNetV2 / EfficientNet-Lite counterpart of `damp_residual_branches`: a random MobileNetV2 is chaotic
-    under fp16 rounding (its relative error doubles every few blocks, to 7% in the pooled features; its
-    probabilities move by up to 0.12, 0.04 once damped by half). Damped, every layer still contributes.
-    """
-    import tf_keras as keras
-
-    for layer in base.layers:
-        if isinstance(layer, keras.layers.Add):
-            for inbound in layer._inbound_nodes[0].inbound_layers:
-                if isinstance(inbound, keras.layers.BatchNormalization) and "project" in inbound.name:
-                    gamma, beta, mean, variance = inbound.get_weights()
-                    inbound.set_weights([gamma * factor, beta * factor, mean, variance])
-
-
 @pytest.fixture(scope="module", params=backbones_to_export(also_lite2=True))
 def classifier(request):
-    """A 32 px classifier on each backbone (as tests/test_exporters.py builds them): seeded random weights,
-    BatchNorm calibrated, residual branches damped, a head whose top class varies; Keras's probabilities."""
-    import tf_keras as keras
-
-    from pipeline.train import models
-    from pipeline.config import ModelConfig
-
-    name, backbone = request.param, BACKBONES[request.param]
-    keras.utils.set_random_seed(0)
-    model = models.build_classifier(ModelConfig(backbone=name, image_size=32, weights=None), 3)
-
-    def preprocess(pixels):  # the registry's definition, written out: one scale, a bias per RGB channel
-        return pixels * backbone.input_scale + np.array(backbone.input_bias, dtype=np.float32)
-
-    calibrate_batchnorm(models.backbone_of(model), preprocess(varied_images(32, 32, 0)))
-    damp_residual_branches(models.backbone_of(model))
-    damp_inverted_residual_branches(models.backbone_of(model))
-    features = models.feature_extractor(model).predict(preprocess(varied_images(64, 32, 1)), verbose=0)
-    kernel = np.random.default_rng(0).normal(size=(features.shape[1], 3))
-    kernel *= 3 / (features @ kernel).std(axis=0)
-    model.get_layer("logits").set_weights([kernel.astype(np.float32),
-                                           -(features.mean(axis=0) @ kernel).astype(np.float32)])
-    meta = ExportMeta(labels=LABELS, image_size=32, scale=backbone.input_scale, bias=backbone.input_bias,
-                      author="tests", license="MIT", description="", version="0.0")
+    """The shared small classifier on each backbone (conftest), with 24 varied images and Keras's probabilities."""
+    model, meta = backbone_classifier(request.param)
     pixels = varied_images(24, 32, 2)
-    expected = model.predict(preprocess(pixels), verbose=0)
+    expected = model.predict(pixels * meta.scale + np.array(meta.bias, dtype=np.float32), verbose=0)
     assert len(set(expected.argmax(1))) >= 2  # varied, so a wrong label order or channel order shows
-    return name, model, meta, pixels, expected
+    return request.param, model, meta, pixels, expected
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_every_backbone_program_agrees_with_keras(tmp_path, classifier, precision):
-    name, model, meta, pixels, expected = classifier
+def test_every_backbone_program_agrees_with_keras(tmp_path, classifier):
+    check_program_against_keras(tmp_path, *classifier, "fp32")
+
+
+# fp16 (the shipped ML Program) rounds every op alike whatever the layers: the default backbone stands for all.
+@pytest.mark.parametrize("classifier", [ModelConfig().backbone], indirect=True)
+def test_the_default_backbones_fp16_program_agrees_with_keras(tmp_path, classifier):
+    check_program_against_keras(tmp_path, *classifier, "fp16")
+
+
+def check_program_against_keras(tmp_path, name, model, meta, pixels, expected, precision):
+    """Export `model` as an ML Program at `precision` and hold the NumPy checker's answers to Keras's."""
     path = tmp_path / f"{name}-{precision}.mlpackage"
     mlprogram.export(model, meta, path, precision)  # fp16: the shipped default; fp32: the same, computing in fp32
     assert mlprogram.problems(path, meta) == []  # the backbone's own scale and per-channel bias included
@@ -718,3 +680,79 @@ def test_tensorflows_float16_cast_rounds_as_numpys():
     nan = np.isnan(want)
     assert np.array_equal(np.isnan(got), nan)
     assert np.array_equal(got.view(np.uint32)[~nan], want.view(np.uint32)[~nan])
+
+
+# -- packages it cannot read ---------------------------------------------------------------------------------
+
+def fp16_statistics_batch_norm(folder):
+    """An iOS 16 program converted at fp32 precision whose batch_norm then has its mean and variance stored as fp16
+    (as in a package whose statistics were written at another precision than the program's): coremltools' own
+    MIL loader refuses to read it back, as their dtypes differ from its other inputs'."""
+    import coremltools as ct
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.proto import MIL_pb2
+
+    def build():
+        @mb.program(input_specs=[mb.TensorSpec(shape=(1, 2, 4, 4))], opset_version=ct.target.iOS16)
+        def prog(x):
+            return mb.batch_norm(x=x, mean=np.array([0.5, -1.0], np.float32),
+                                 variance=np.array([2.0, 0.25], np.float32), epsilon=1e-5, name="out")
+        return prog
+
+    path = saved(folder, build, "batch-norm-fp32", target=ct.target.iOS16)
+    model = ct.models.MLModel(str(path), skip_model_load=True)
+    spec = model.get_spec()
+    main = spec.mlProgram.functions["main"]
+    for op in main.block_specializations[main.opset].operations:
+        if op.type == "const" and op.outputs[0].name.endswith(("_mean_0", "_variance_0")):
+            value = op.attributes["val"]
+            halves = np.array(value.immediateValue.tensor.floats.values, np.float16)
+            value.immediateValue.tensor.Clear()
+            value.immediateValue.tensor.bytes.values = halves.tobytes()
+            value.type.tensorType.dataType = op.outputs[0].type.tensorType.dataType = MIL_pb2.FLOAT16
+    target = folder / "batch-norm-fp16-statistics.mlpackage"
+    ct.models.MLModel(spec, weights_dir=model.weights_dir, skip_model_load=True).save(str(target))
+    return target
+
+
+def test_a_program_coremltools_cannot_read_back_cannot_be_verified_and_says_why(folder):
+    from pipeline.checkers.kernels import DamagedFile
+
+    path = fp16_statistics_batch_norm(folder)
+    for entry in (lambda: mlprogram_numpy.run(path, {"x": np.zeros((1, 1, 2, 4, 4), np.float32)}),
+                  lambda: mlprogram.load(path)):  # the exporter's loader, which verify and predict call
+        with pytest.raises(CannotVerify, match="cannot verify: coremltools' MIL loader cannot read back") as error:
+            entry()
+        assert not isinstance(error.value, DamagedFile)  # the file is whole: no advice to rewrite it
+        message = str(error.value)
+        assert str(path) in message and "\n" not in message
+        assert "batch_norm" in message and "has dtype fp16" in message and "has dtype fp32" in message, message
+
+
+def weighted_program():
+    """A program whose convolution weights (4 x 2 x 3 x 3 = 72 values) are kept in the package's weights file."""
+    from coremltools.converters.mil import Builder as mb
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(1, 2, 5, 5))])
+    def prog(x):
+        return mb.conv(x=x, weight=RNG.normal(size=(4, 2, 3, 3)).astype(np.float32), name="out")
+    return prog
+
+
+@pytest.mark.parametrize("damage, words", [("removed", "No such file"), ("truncated", "ends at byte"),
+                                           ("overwritten", "holds no weight record at byte")])
+def test_a_package_whose_weights_are_missing_or_cut_short_is_a_damaged_file(tmp_path, damage, words):
+    from pipeline.checkers.kernels import DamagedFile
+
+    path = saved(tmp_path, weighted_program, "weighted")
+    weights = path / "Data" / "com.apple.CoreML" / "weights" / "weight.bin"
+    assert mlprogram_numpy.run(path, {"x": np.ones((1, 1, 2, 5, 5), np.float32)})["out"].shape == (1, 1, 4, 3, 3)
+    data = weights.read_bytes()
+    if damage == "removed":
+        weights.unlink()
+    else:
+        weights.write_bytes(data[:len(data) - 8] if damage == "truncated" else data[:64] + bytes(len(data) - 64))
+    with pytest.raises(DamagedFile, match=words) as error:
+        mlprogram_numpy.run(path, {"x": np.ones((1, 1, 2, 5, 5), np.float32)})
+    assert str(error.value).startswith(f"{path}: cannot read this Core ML ML Program (.mlpackage) (")
+    assert "run `python -m pipeline export --force`" in str(error.value)

@@ -1,9 +1,12 @@
-"""`predict` and `verify` on the smoke world's exports: output, format choice, and the errors a user can hit."""
+"""`predict` and `verify` on the smoke world's exports: output, format choice, and the errors a user can hit,
+damaged exported files among them."""
 import json
 import re
 import shutil
 
-from conftest import SMOKE_CONFIG, base_args, invoke
+import pytest
+from conftest import SMOKE_CONFIG, base_args, invoke, shape_image
+from test_export import KINDS, damaged_copy, good_files  # noqa: F401  (good_files: a fixture)
 
 from pipeline import config, predict
 from pipeline.export.formats import FORMATS
@@ -90,3 +93,43 @@ def test_verify_fails_when_an_export_is_broken(world, tmp_path):
     result = invoke(*base_args(world, artifacts=artifacts), "verify")
     assert result.exit_code == 1
     assert "Core ML: FAILED" in result.stderr and "redBias" in result.stderr
+
+
+def the_error_line(result):
+    """The one "error: ..." line of a failed run, which must have printed no traceback."""
+    assert result.exit_code == 1 and "Traceback" not in result.stderr, result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    return line
+
+
+@pytest.mark.parametrize("damage", ["truncated .mlmodel", "truncated .mlpackage spec", "removed weights",
+                                    "garbage .onnx", "truncated .tflite"])
+def test_predict_with_a_damaged_export_names_the_file_the_reason_and_the_fix(good_files, tmp_path,  # noqa: F811
+                                                                               damage):
+    artifacts = tmp_path / "artifacts"
+    (artifacts / "export").mkdir(parents=True)
+    name, path = damaged_copy(good_files, artifacts / "export", damage)  # MultiSnacks.<suffix>, as export names it
+    (artifacts / "export" / "labels.txt").write_text("\n".join(CLASSES) + "\n", encoding="utf-8")
+    image = tmp_path / "photo.jpg"
+    shape_image("circle", 0).save(image)
+    result = invoke("--config", str(SMOKE_CONFIG), "--artifacts", str(artifacts), "predict", str(image),
+                    "--format", name)
+    line = the_error_line(result)
+    assert f"{path}: cannot read this {KINDS[name]} (" in line
+    assert "run `python -m pipeline export --force` to rewrite it, or copy it again" in line
+
+
+def test_verify_with_damaged_exports_fails_with_a_row_naming_each_one(world, tmp_path):
+    artifacts = tmp_path / "artifacts"
+    shutil.copytree(world["artifacts"], artifacts)
+    export = artifacts / "export"
+    mlmodel = export / "MultiSnacks.mlmodel"
+    mlmodel.write_bytes(mlmodel.read_bytes()[:mlmodel.stat().st_size // 2])
+    (export / "MultiSnacks.onnx").write_bytes(bytes(range(256)) * 4)
+    result = invoke(*base_args(world, artifacts=artifacts), "verify")
+    line = the_error_line(result)
+    rows = {r.split(" | ")[0].strip("| "): r for r in result.stdout.splitlines() if r.startswith("| ")}
+    for title, path in (("Core ML", mlmodel), ("ONNX", export / "MultiSnacks.onnx")):
+        assert f"FAILED: damaged file; {path}: cannot read this" in rows[title] and "export --force" in rows[title]
+    assert "FAILED" not in rows["TFLite"]  # the whole files are still measured
+    assert "Core ML: FAILED" in result.stderr and "ONNX: FAILED" in result.stderr and line.startswith("error: ")

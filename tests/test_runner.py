@@ -1,4 +1,5 @@
 """The runner: manifests, freshness, atomic stage folders, and interrupted stages never taken for fresh."""
+import errno
 import os
 import shutil
 import signal
@@ -10,6 +11,7 @@ import pytest
 from conftest import REPO, SMOKE_CONFIG, base_args, invoke, smoke_cfg, snapshot
 
 from pipeline import fileio
+from pipeline.errors import ArtifactsError
 from pipeline.runner import Runner
 from pipeline.stages import BY_NAME, STAGES, upstream_closure
 
@@ -42,6 +44,25 @@ def test_failing_stage_leaves_previous_outputs_intact(world, tmp_path, monkeypat
     assert not any(p.name.startswith(".evaluate") for p in artifacts.iterdir())
     status = runner.freshness(BY_NAME["evaluate"])
     assert status.state == "stale" and status.reasons == ["config changed"]
+
+
+def test_a_full_disk_is_one_error_naming_the_folder_the_stage_and_the_fix(world, tmp_path, monkeypatch):
+    artifacts = tmp_path / "artifacts"
+    shutil.copytree(world["artifacts"], artifacts)
+    before = snapshot(artifacts / "evaluate")
+    import pipeline.stages.evaluate as evaluate
+
+    def full(ctx):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(ctx.out.metrics))
+
+    monkeypatch.setattr(evaluate, "run", full)
+    with pytest.raises(ArtifactsError) as err:
+        Runner(smoke_cfg(world), artifacts).run(["evaluate"], force={"evaluate"})
+    message = str(err.value)
+    assert message.startswith(f"no space left on the disk of artifacts folder '{artifacts}' (")
+    assert "while evaluate wrote" in message and "metrics.json" in message and "--artifacts" in message
+    assert snapshot(artifacts / "evaluate") == before
+    assert not any(p.name.startswith(".") and p.name.endswith(".tmp") for p in artifacts.iterdir())
 
 
 def test_killed_stage_is_not_fresh_afterwards(world, tmp_path):

@@ -31,6 +31,20 @@ def test_fit_writes_history_with_learning_rate_and_keeps_the_best(tmp_path):
     assert files.curves.is_file() and files.summary.is_file() and not files.checkpoint.exists()
 
 
+def test_a_second_fit_that_learns_the_same_writes_the_same_files(tmp_path):
+    """Timings stay out of the files, so the stages below a rerun that learnt the same stay fresh."""
+    section = FinetuneConfig(epochs=2, batch_size=16, learning_rate=0.01, seed=3)
+    written = []
+    for run in ("first", "second"):
+        files = TrainFiles(tmp_path / run)
+        files.root.mkdir()
+        training.seed_everything(3)
+        summary = training.fit(models.build_head(ModelConfig(), 3, 8), data(), data(seed=1), section, files)
+        assert summary["fit_seconds"] > 0
+        written.append({name: (files.root / name).read_bytes() for name in (files.summary.name, files.history.name)})
+    assert written[0] == written[1]
+
+
 def test_time_budget_stops_after_the_epoch_that_crosses_it(tmp_path):
     head = models.build_head(ModelConfig(), 3, 8)
     section = TrainHeadConfig(epochs=50, batch_size=16, learning_rate=0.01, patience=50, max_minutes=1e-6)

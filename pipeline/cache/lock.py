@@ -2,15 +2,22 @@
 
 The lock is the kernel's (`flock` on the folder), so it goes with its holder's process however that ends, SIGKILL
 included: a killed run never leaves a stale lock behind. A process may take the lock of a folder it already holds
-(a sweep holds its artifacts while each combination's run holds its own folder).
+(a sweep holds its artifacts while each combination's run holds its own folder). The holder writes its PID and
+command beside the lock, so a second run can say which run it waits for.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shlex
+import sys
+import time
 from pathlib import Path
 
 from pipeline.errors import ArtifactsError
+
+HOLDER = ".lock-holder.json"  # who holds the lock; only meaningful while the lock is held
 
 _held = {}  # this process's locks: the folder's resolved path -> [open descriptor, depth]
 
@@ -35,9 +42,11 @@ def holding(folder):
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                raise ArtifactsError(f"artifacts folder '{folder.absolute()}' is in use by another run; wait for it to "
-                                     "finish, or pass --artifacts to another folder") from None
+                raise ArtifactsError(f"artifacts folder '{folder.absolute()}' is in use by another run"
+                                     f"{_holder(folder)}; wait for it to finish, or pass --artifacts to another "
+                                     "folder") from None
             _held[key] = [fd, 1]
+            _write_holder(folder)
     except OSError as exc:
         raise ArtifactsError.unwritable(folder, exc) from exc
     try:
@@ -47,4 +56,25 @@ def holding(folder):
         entry[1] -= 1
         if entry[1] == 0:
             del _held[key]
+            with contextlib.suppress(OSError):
+                (folder / HOLDER).unlink()
             os.close(entry[0])  # closing the descriptor releases the lock
+
+
+def _write_holder(folder):
+    program = Path(sys.argv[0])
+    program = f"python -m {program.parent.name}" if program.name == "__main__.py" else program.name
+    record = {"pid": os.getpid(), "command": " ".join([program, shlex.join(sys.argv[1:])]).strip(),
+              "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    tmp = folder / f"{HOLDER}.{os.getpid()}"
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, folder / HOLDER)
+
+
+def _holder(folder):
+    """' (PID n: command, since time)' from the holder's record, or '' if it cannot be read."""
+    try:
+        record = json.loads((folder / HOLDER).read_text())
+        return f" (PID {record['pid']}: {record['command']}, since {record['since']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""

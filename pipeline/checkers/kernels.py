@@ -1,5 +1,6 @@
 """What both Core ML checkers share: image inputs as NCHW arrays, the batch size, the error for what cannot be
-verified, and convolution: padding in NumPy, the multiply-adds by TensorFlow's CPU kernels.
+verified (and its kind every exporter raises for a file it cannot read), and convolution: padding in NumPy, the
+multiply-adds by TensorFlow's CPU kernels.
 
 Convolutions (`conv2d`) decide here which products are summed (padding, done before, strides, dilations,
 groups, weight layout) and let TensorFlow's CPU kernels (NHWC, VALID) do the multiply-adds: their summation
@@ -8,6 +9,8 @@ machine, not independent of either. Weights are put in TensorFlow's layout once 
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -21,6 +24,45 @@ BATCH = 16
 
 class CannotVerify(ExportError):
     """The spec uses something this checker does not implement, so its outputs cannot be computed."""
+
+
+class DamagedFile(CannotVerify):
+    """An exported file that cannot be read or parsed (truncated, overwritten, unreadable, a part missing).
+
+    A CannotVerify, so that the parity table gives it a row instead of stopping. `problem` is what each exporter's
+    `problems` reports for it, which fails that row: a few words, as the message (the row's other reason) already
+    names the file, the reason and the fix.
+    """
+
+    def __init__(self, message, problem="damaged file"):
+        super().__init__(message)
+        self.problem = problem
+
+    @classmethod
+    def reading(cls, path, kind, cause):
+        """The error for the file at `path`, a `kind` ("ONNX model", ...), kept from being read by `cause`: the
+        reader's exception or a sentence, condensed to one line. The fix depends on whether the file exists and
+        can be read."""
+        if not Path(path).exists():
+            problem, fix = "missing file", "it does not exist: run `python -m pipeline export` to write it"
+        elif isinstance(cause, PermissionError) or not _readable(Path(path)):
+            problem, fix = "unreadable file", "make it readable (check its permissions) or copy it again"
+        else:
+            problem = "damaged file"
+            fix = "it is damaged or truncated: run `python -m pipeline export --force` to rewrite it, or copy it again"
+        return cls(f"{path}: cannot read this {kind} ({one_line(cause)}); {fix}", problem)
+
+
+def one_line(cause, limit=300):
+    """An exception's message (or a sentence) on one line, cut to `limit` characters: the reason in an error."""
+    text = " ".join(str(cause).split()) or type(cause).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _readable(path):
+    """Whether the file, or the folder (an .mlpackage) and everything in it, can be read by this process."""
+    parts = [path, *path.rglob("*")] if path.is_dir() else [path]
+    return all(os.access(p, os.R_OK | (os.X_OK if p.is_dir() else 0)) for p in parts if p.exists())
 
 
 def channels_first(name, image, pixels):

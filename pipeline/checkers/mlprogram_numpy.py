@@ -29,13 +29,34 @@ nothing. Batches of `pipeline.checkers.kernels.BATCH` images ran fastest.
 from __future__ import annotations
 
 import inspect
+import os
+import struct
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, NamedTuple
 
 import numpy as np
 
-from pipeline.checkers.kernels import BATCH, CannotVerify, channels_first, conv2d, conv_kernels, padded
+from pipeline.checkers.kernels import (
+    BATCH,
+    CannotVerify,
+    DamagedFile,
+    channels_first,
+    conv2d,
+    conv_kernels,
+    one_line,
+    padded,
+)
 from pipeline.errors import ExportError
+
+KIND = "Core ML ML Program (.mlpackage)"
+# The start of the record before each weight in a weights file (MIL blob storage): a sentinel, the weight's type,
+# its size in bytes and where its data starts.
+_BLOB_RECORD = struct.Struct("<IIQQ")
+_BLOB_SENTINEL = 0xDEADBEEF
+# What coremltools' MIL loader raises (milproto/load.py, and the op definitions it builds ops with) for a program
+# it cannot read back.
+_LOADER_ERRORS = (ValueError, TypeError, KeyError, NotImplementedError, AssertionError, RuntimeError)
 
 
 # -- reading a package ---------------------------------------------------------------------------------------
@@ -66,7 +87,11 @@ class Package:
 
 
 def read(source):
-    """A Package from an `.mlpackage` path, a coremltools MLModel, a MIL Program or a Package (returned as is)."""
+    """A Package from an `.mlpackage` path, a coremltools MLModel, a MIL Program or a Package (returned as is).
+
+    A package that cannot be read is a DamagedFile (see `opened`); a program coremltools' own loader cannot read
+    back is a CannotVerify naming the loader's reason.
+    """
     import coremltools as ct
     from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
     from coremltools.converters.mil.mil import Program
@@ -75,19 +100,97 @@ def read(source):
         return source
     if isinstance(source, Program):
         return Package(spec=None, program=source)
-    model = source if isinstance(source, ct.models.MLModel) else ct.models.MLModel(str(source), skip_model_load=True)
+    if isinstance(source, ct.models.MLModel):
+        model, where = source, source.package_path or "the model"
+        _check_weights(model, where)
+    else:
+        model, where = opened(source), source
     spec = model.get_spec()
     if spec.WhichOneof("Type") != "mlProgram":
         raise CannotVerify(f"cannot verify: model type {spec.WhichOneof('Type')} (only ML Programs are "
                            "implemented here; neural networks are pipeline.checkers.coreml_numpy's)")
-    if model.weights_dir is None and _has_blob_weights(spec):
-        raise ExportError(f"the package {source} has no weights folder, and its program reads weights from one")
-    program = milproto_load(spec, spec.specificationVersion, model.weights_dir or "")
+    try:
+        program = milproto_load(spec, spec.specificationVersion, model.weights_dir or "")
+    except _LOADER_ERRORS as error:
+        raise CannotVerify(f"cannot verify: coremltools' MIL loader cannot read back the program of {where} "
+                           f"({one_line(error)})") from error
     return Package(spec=spec, program=program, function_name=spec.description.defaultFunctionName or "main")
 
 
-def _has_blob_weights(spec):
-    return b"weight.bin" in spec.mlProgram.SerializeToString()
+def opened(path):
+    """The `.mlpackage` at `path` as a coremltools MLModel, not compiled, whose weights files hold every weight its
+    program reads. A package that cannot be read, or whose weights are missing or cut short, is a DamagedFile."""
+    import coremltools as ct
+    from google.protobuf.message import DecodeError
+
+    try:
+        model = ct.models.MLModel(str(path), skip_model_load=True)
+    except (DecodeError, OSError, RuntimeError) as error:  # RuntimeError: its manifest, or an item it lists
+        raise DamagedFile.reading(path, KIND, error) from error
+    _check_weights(model, path)
+    return model
+
+
+def _check_weights(model, where):
+    """Raise a DamagedFile for `where` if the MLModel's weights files do not hold every weight its program reads."""
+    damage = _weights_damage(model.get_spec(), model.weights_dir)
+    if damage:
+        raise DamagedFile.reading(where, KIND, damage)
+
+
+def _weights_damage(spec, weights_dir):
+    """Why the weights folder cannot give the program every weight it reads, or None when it can: the folder or a
+    file is missing or unreadable, or a file ends before a weight it should hold (a copy cut short)."""
+    offsets = {}
+    for name, offset in _blob_references(spec.mlProgram):
+        offsets.setdefault(name, []).append(offset)
+    if offsets and weights_dir is None:
+        return f"its program reads weights from {', '.join(sorted(offsets))}, and it has no weights folder"
+    for name, starts in sorted(offsets.items()):
+        path = Path(weights_dir) / name.split("/")[-1]  # where coremltools' loader looks for it
+        try:
+            with open(path, "rb") as weights:
+                damage = _blob_damage(weights, sorted(set(starts)))
+        except OSError as error:
+            return f"weights file weights/{path.name}: {error}"
+        if damage:
+            return f"weights file weights/{path.name} {damage}"
+    return None
+
+
+def _blob_damage(weights, offsets):
+    """Why the open weights file does not hold a whole weight at each of `offsets`, or None."""
+    size = os.fstat(weights.fileno()).st_size
+    for offset in offsets:
+        weights.seek(offset)
+        record = weights.read(_BLOB_RECORD.size)
+        if len(record) < _BLOB_RECORD.size:
+            return f"ends at byte {size}, before the weight recorded at byte {offset}"
+        sentinel, _, length, start = _BLOB_RECORD.unpack(record)
+        if sentinel != _BLOB_SENTINEL:
+            return f"holds no weight record at byte {offset}"
+        if start + length > size:
+            return f"ends at byte {size}, before the end of its weight at byte {start + length}"
+    return None
+
+
+def _blob_references(message):
+    """(file name, offset) of every value in the message (part of an ML Program spec) kept in a weights file."""
+    from google.protobuf.message import Message
+
+    if message.DESCRIPTOR.name == "BlobFileValue":
+        return [(message.fileName, message.offset)]
+    found = []
+    for descriptor, value in message.ListFields():
+        if descriptor.message_type is None:
+            continue
+        if descriptor.message_type.GetOptions().map_entry:
+            value = value.values() if descriptor.message_type.fields_by_name["value"].message_type else ()
+        elif isinstance(value, Message):
+            value = [value]
+        for item in value:
+            found += _blob_references(item)
+    return found
 
 
 # -- running -------------------------------------------------------------------------------------------------

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import posixpath
 import shutil
+import stat
 import tarfile
 import unicodedata
 import zipfile
@@ -18,9 +20,12 @@ from pipeline.data.images import is_image_name
 from pipeline.environment import keras_home
 from pipeline.errors import DataError
 
+log = logging.getLogger("pipeline.dataset")
+
 SPLITS = ("train", "val", "test")
 SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
 ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar")
+COMPLETE = ".complete"  # an unpacked archive's marker, written last: the archive and the size of every file
 
 # The default dataset: the snacks images of "Machine Learning by Tutorials", as published on Hugging Face.
 SNACKS_URL = "https://huggingface.co/datasets/Matthijs/snacks/resolve/main/images.zip"
@@ -53,8 +58,35 @@ def label_of(folder_name):
     return unicodedata.normalize("NFC", folder_name)
 
 
+def os_reason(exc):
+    """The OS's words for an OSError (e.g. 'Permission denied'), without the path the message would repeat."""
+    return exc.strerror or str(exc)
+
+
+def list_folder(folder):
+    """The entries of a dataset folder, sorted; a DataError naming the folder and the fix if it cannot be listed."""
+    folder = Path(folder)
+    try:
+        entries = sorted(folder.iterdir())
+        for entry in entries:
+            entry.lstat()  # a folder that can be read but not searched (no x bit) lists names that cannot be opened
+    except OSError as exc:
+        raise DataError(f"dataset folder '{folder}' cannot be listed ({os_reason(exc)}); fix its permissions "
+                        f"(chmod -R a+rX '{folder}') or remove it from the dataset") from exc
+    return entries
+
+
+def walk(folder):
+    """Every file and folder beneath `folder`, depth first in sorted order (as sorted(folder.rglob('*')) gives
+    them), never descending into a symbolic link; a DataError if a folder on the way cannot be listed."""
+    for entry in list_folder(folder):
+        yield entry
+        if entry.is_dir() and not entry.is_symlink():
+            yield from walk(entry)
+
+
 def _subdirs(folder):
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "__MACOSX")))
+    return [p for p in list_folder(folder) if p.is_dir() and not p.name.startswith((".", "__MACOSX"))]
 
 
 def detect_layout(root):
@@ -76,10 +108,10 @@ def detect_layout(root):
                                 f"(val/, valid/ or validation/); {LAYOUTS_HELP}")
             return Layout(root, "splits", split_dirs, source)
         subdirs = list(by_name.values())
-        loose = [p for p in root.iterdir() if p.is_file() and is_image_name(p)]
+        loose = [p for p in list_folder(root) if p.is_file() and is_image_name(p)]
         if len(subdirs) == 1 and not loose:
             inner = subdirs[0]
-            if any(p.is_file() and is_image_name(p) for p in inner.iterdir()) and not _subdirs(inner):
+            if any(p.is_file() and is_image_name(p) for p in list_folder(inner)) and not _subdirs(inner):
                 raise DataError(f"dataset folder '{root}' holds a single class folder ('{inner.name}'); at least "
                                 f"two classes are needed; {LAYOUTS_HELP}")
             root = inner
@@ -110,9 +142,13 @@ def unpack_archive(archive, sources_dir, limits):
     archive = Path(archive)
     if not archive.is_file():
         raise DataError(f"dataset archive '{archive}' does not exist; pass --data PATH to a folder or archive")
-    dest = Path(sources_dir) / fileio.sha256_file(archive)[:16]
-    if (dest / ".complete").is_file():
-        return dest
+    dest = unpacked_folder(sources_dir, _archive_hash(archive))
+    if dest.exists():
+        damage = unpacked_damage(dest)
+        if damage is None:
+            return dest
+        log.warning("the unpacked copy '%s' of dataset archive '%s' cannot be reused as it is (%s); unpacking it "
+                    "again", dest, archive, damage)
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     _make_unpack_folder(tmp, archive)
@@ -122,7 +158,7 @@ def unpack_archive(archive, sources_dir, limits):
             _unpack_zip(archive, tmp, budget)
         else:
             _unpack_tar(archive, tmp, budget)
-        (tmp / ".complete").write_text(str(archive))
+        fileio.write_json(tmp / COMPLETE, {"archive": str(archive), "files": _regular_files(tmp)})
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError, zlib.error,
             NotImplementedError) as exc:  # the last: a compression method zipfile does not support
         shutil.rmtree(tmp, ignore_errors=True)
@@ -134,6 +170,51 @@ def unpack_archive(archive, sources_dir, limits):
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     return dest
+
+
+def _archive_hash(archive):
+    try:
+        return fileio.sha256_file(archive)
+    except OSError as exc:
+        raise DataError(f"dataset archive '{archive}' cannot be read ({os_reason(exc)}); fix its permissions "
+                        f"(chmod a+r '{archive}') or pass --data to a readable copy") from exc
+
+
+def unpacked_folder(sources_dir, sha256):
+    """Where unpack_archive unpacks the archive of content hash `sha256` under `sources_dir`."""
+    return Path(sources_dir) / sha256[:16]
+
+
+def unpacked_damage(folder):
+    """Why an archive's unpacked copy `folder` cannot be reused as it is (its marker missing or of an older
+    version, a file the marker lists missing or of another size), or None if it is intact."""
+    try:
+        files = fileio.read_json(folder / COMPLETE)["files"]
+        if not isinstance(files, dict):
+            raise TypeError("no file list")
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"its {COMPLETE} marker is missing, or from an older version without the list of its files"
+    for name, size in files.items():
+        try:
+            info = (folder / name).lstat()
+        except OSError as exc:
+            return f"'{name}' is gone ({os_reason(exc)})"
+        if not stat.S_ISREG(info.st_mode) or info.st_size != size:
+            return f"'{name}' has changed"
+    return None
+
+
+def _regular_files(folder):
+    """{path relative to `folder`: size} of every regular file beneath it (links and folders left out)."""
+    files = {}
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            path = Path(dirpath, name)
+            info = path.lstat()
+            if stat.S_ISREG(info.st_mode):
+                files[path.relative_to(folder).as_posix()] = info.st_size
+    files.pop(COMPLETE, None)  # a member of that name is replaced by the marker
+    return dict(sorted(files.items()))
 
 
 def _make_unpack_folder(folder, archive):

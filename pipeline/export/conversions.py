@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -39,21 +41,26 @@ class Conversions:
         self._loaded = {}  # calibration pixels, when converting here
         self._pool = self._futures = None
         if in_worker and self.files:
-            self._pool = worker_pool(initializer=_start_worker, initargs=(str(model_path), quiet.verbose()))
+            self._pool = worker_pool(_start_worker, (str(model_path), quiet.verbose()))
             self._futures = {name: self._pool.submit(_convert, name, meta, path, self._calibration_for(name))
                              for name, path in self.files.items()}
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, *_):
+        self.close(now=exc_type is not None)
 
-    def close(self):
-        """Stop the worker: conversions not started are dropped, the one under way is waited for."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+    def close(self, now=False):
+        """Stop the worker: conversions not started are dropped; the one under way is waited for, or with `now`
+        (an error or an interrupt is unwinding) the worker is killed at once."""
+        if self._pool is None:
+            return
+        if now:
+            for process in list((getattr(self._pool, "_processes", None) or {}).values()):
+                process.kill()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool = None
 
     def wait(self, name):
         """Block until format `name`'s file is written (a conversion's ExportError is raised here); log it."""
@@ -88,10 +95,18 @@ class Conversions:
         return self.calibration if FORMATS[name].calibrated else None
 
 
-def worker_pool(**options):
-    """A pool of one spawned worker process (`options`: ProcessPoolExecutor's). Spawned, not forked: the child starts
-    a fresh interpreter, whose first import of the package sets the library environment before TensorFlow loads."""
-    return ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), **options)
+def worker_pool(initializer=None, initargs=()):
+    """A pool of one spawned worker process, which runs `initializer(*initargs)` first and ends as soon as this
+    process is gone. Spawned, not forked: the child starts a fresh interpreter, whose first import of the package
+    sets the library environment before TensorFlow loads."""
+    return ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_start_child,
+                               initargs=(os.getpid(), initializer, initargs))
+
+
+def _start_child(parent_pid, initializer, initargs):
+    threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
+    if initializer is not None:
+        initializer(*initargs)
 
 
 def export_file(name, model, meta, path, calibration=None):
@@ -124,6 +139,14 @@ def _start_worker(model_path, verbose):
     quiet.configure(verbose)
     quiet.load_tensorflow()  # with its start-up lines held back, as in the stage's own process
     _worker["model"] = models.load(model_path)
+
+
+def _exit_with_parent(parent_pid, every=0.5):
+    """End this worker as soon as the stage's process is gone, however it ended (SIGKILL included): orphaned, the
+    worker would be adopted by another process, and multiprocessing's resource tracker would live on with it."""
+    while os.getppid() == parent_pid:
+        time.sleep(every)
+    os._exit(1)
 
 
 def _convert(name, meta, path, calibration):

@@ -8,10 +8,12 @@ import logging
 
 from pipeline import fileio
 from pipeline.checkers import coreml_numpy
+from pipeline.checkers.kernels import DamagedFile
 from pipeline.checkers.predictor import Predictor
 
 log = logging.getLogger("pipeline.export.coreml")
 
+KIND = "Core ML model (.mlmodel)"
 INPUT_NAME = "image"
 PROBABILITIES = "labelProbability"
 LABEL = "label"
@@ -74,10 +76,17 @@ def export(model, meta, path, precision="fp32"):
 
 
 def read_spec(path):
-    """Load the protobuf spec of an `.mlmodel` file."""
+    """Load the protobuf spec of an `.mlmodel` file; one that cannot be read or holds no model is a DamagedFile."""
     import coremltools as ct
+    from google.protobuf.message import DecodeError
 
-    return ct.utils.load_spec(str(path))
+    try:
+        spec = ct.utils.load_spec(str(path))
+    except (DecodeError, OSError) as error:
+        raise DamagedFile.reading(path, KIND, error) from error
+    if spec.WhichOneof("Type") is None:  # an empty file, or one cut off before its model, parses as an empty spec
+        raise DamagedFile.reading(path, KIND, "it holds no model")
+    return spec
 
 
 def interface_problems(spec, meta):
@@ -135,8 +144,13 @@ def _scale_bias_problems(scale, rgb_bias, meta):
 
 
 def problems(path, meta):
-    """What is wrong with the saved file's interface and metadata (empty when it is right)."""
-    return spec_problems(read_spec(path), meta)
+    """What is wrong with the saved file's interface and metadata (empty when it is right), or that it cannot be
+    read."""
+    try:
+        spec = read_spec(path)
+    except DamagedFile as error:
+        return [error.problem]  # the loader's DamagedFile names the file, the reason and the fix
+    return spec_problems(spec, meta)
 
 
 def load(path, labels=None):

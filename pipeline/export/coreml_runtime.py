@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 
+from pipeline.checkers.kernels import DamagedFile
 from pipeline.checkers.predictor import Predictor
 
 TITLE = "Core ML framework (coremltools MLModel.predict, CPU and Neural Engine)"
@@ -22,11 +23,16 @@ def available():
 
 
 def load(path, labels, input_name="image", output_name="labelProbability"):
-    """A Predictor that runs the file through Core ML, one image per call, probabilities in `labels` order."""
+    """A Predictor that runs the file through Core ML, one image per call, probabilities in `labels` order; a file
+    Core ML cannot read is a DamagedFile."""
     import coremltools as ct
+    from google.protobuf.message import DecodeError
     from PIL import Image
 
-    model = ct.models.MLModel(str(path))
+    try:
+        model = ct.models.MLModel(str(path))
+    except (DecodeError, OSError, RuntimeError) as error:  # RuntimeError: Core ML could not read or compile it
+        raise DamagedFile.reading(path, "Core ML model", error) from error
     image = model.get_spec().description.input[0].type.imageType
 
     def predict(pixels):

@@ -15,8 +15,8 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline import fileio
-from pipeline.export import bias_correction
-from pipeline.export import coreml
+from pipeline.checkers.kernels import DamagedFile
+from pipeline.export import bias_correction, coreml
 
 COMPRESSED = ("int8", "palette8", "palette6", "mixed")
 QUARTER_MARGIN = 0.98  # "mixed" aims its estimated size at 98% of a quarter of the fp32 program's
@@ -112,15 +112,20 @@ def export(model, meta, path, precision="fp16", calibration=None):
 
 
 def read_spec(path):
-    """The protobuf spec inside an `.mlpackage`."""
-    import coremltools as ct
+    """The protobuf spec inside an `.mlpackage`. A package that cannot be read, or whose weights are missing or cut
+    short, is a DamagedFile (pipeline.checkers.mlprogram_numpy.opened)."""
+    from pipeline.checkers import mlprogram_numpy
 
-    return ct.utils.load_spec(str(path))
+    return mlprogram_numpy.opened(path).get_spec()
 
 
 def problems(path, meta):
-    """What is wrong with the package's input, outputs, metadata, labels and image preprocessing."""
-    spec = read_spec(path)
+    """What is wrong with the package's input, outputs, metadata, labels and image preprocessing, or that it cannot
+    be read."""
+    try:
+        spec = read_spec(path)
+    except DamagedFile as error:
+        return [error.problem]  # the loader's DamagedFile names the file, the reason and the fix
     found = coreml.interface_problems(spec, meta)
     if spec.WhichOneof("Type") != "mlProgram":
         return found + [f"model should be an ML Program, got {spec.WhichOneof('Type')}"]

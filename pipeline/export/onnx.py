@@ -6,9 +6,11 @@ import json
 import numpy as np
 
 from pipeline import fileio
+from pipeline.checkers.kernels import DamagedFile
 from pipeline.checkers.predictor import Predictor
 from pipeline.export.meta import with_preprocessing
 
+KIND = "ONNX model"
 OUTPUT_NAME = "labelProbability"
 OPSET = 13
 
@@ -50,18 +52,29 @@ def export(model, meta, path, precision="fp32"):
         tmp.write_bytes(proto.SerializeToString())
 
 
+def read_proto(path):
+    """The file's ModelProto, read with the onnx package; a file that cannot be read or parsed is a DamagedFile."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except (DecodeError, OSError) as error:
+        raise DamagedFile.reading(path, KIND, error) from error
+
+
 def metadata(path):
     """The file's metadata_props as a dict, read with the onnx package."""
-    import onnx
-
-    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    return {p.key: p.value for p in read_proto(path).metadata_props}
 
 
 def problems(path, meta):
-    """What is wrong with the file's input, output and metadata (empty when it is right)."""
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
+    """What is wrong with the file's input, output and metadata (empty when it is right), or that it cannot be
+    read."""
+    try:
+        proto = read_proto(path)
+    except DamagedFile as error:
+        return [error.problem]  # the loader's DamagedFile names the file, the reason and the fix
     props = {p.key: p.value for p in proto.metadata_props}
     found = []
     if json.loads(props.get("labels", "[]")) != list(meta.labels):
@@ -76,9 +89,7 @@ def problems(path, meta):
 
 def load(path, labels=None):
     """An onnxruntime predictor with the labels from the file's metadata."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = _session(path)
     inp = session.get_inputs()[0]
 
     def predict(pixels, batch_size=32):
@@ -86,3 +97,14 @@ def load(path, labels=None):
                                for i in range(0, len(pixels), batch_size)])
 
     return Predictor(labels=json.loads(metadata(path)["labels"]), image_size=int(inp.shape[1]), predict=predict)
+
+
+def _session(path):
+    """An onnxruntime CPU session of the file; one onnxruntime cannot read or parse is a DamagedFile."""
+    import onnxruntime as ort
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidGraph, InvalidProtobuf, NoSuchFile
+
+    try:
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except (Fail, InvalidGraph, InvalidProtobuf, NoSuchFile) as error:
+        raise DamagedFile.reading(path, KIND, error) from error

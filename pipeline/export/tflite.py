@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline import fileio
+from pipeline.checkers.kernels import DamagedFile
 from pipeline.checkers.predictor import Predictor
 from pipeline.export.meta import with_preprocessing
 
@@ -51,19 +52,27 @@ def export(model, meta, path, precision="fp32", calibration=None):
 
 
 def _interpreter(path):
+    """A LiteRT interpreter of the file, its tensors allocated; a file it cannot read is a DamagedFile."""
     from ai_edge_litert.interpreter import Interpreter
 
     from pipeline import quiet
 
     with quiet.native_stderr():  # "Created TensorFlow Lite XNNPACK delegate for CPU", printed from C
-        interpreter = Interpreter(model_path=str(path))
+        try:
+            interpreter = Interpreter(model_path=str(path))
+        except ValueError as error:  # "Could not open ...", "The model is not a valid Flatbuffer buffer"
+            raise DamagedFile.reading(path, "TFLite model", error) from error
         interpreter.allocate_tensors()
     return interpreter
 
 
 def problems(path, meta):
-    """What is wrong with the file's input and output tensors (empty when they are right)."""
-    interpreter = _interpreter(path)
+    """What is wrong with the file's input and output tensors (empty when they are right), or that it cannot be
+    read."""
+    try:
+        interpreter = _interpreter(path)
+    except DamagedFile as error:
+        return [error.problem]  # the loader's DamagedFile names the file, the reason and the fix
     inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
     found = []
     if list(inp["shape"]) != [1, meta.image_size, meta.image_size, 3] or inp["dtype"] != np.float32:

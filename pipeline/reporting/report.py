@@ -1,11 +1,15 @@
-"""Plots and the Markdown report: training curves, confusion matrix, image grids."""
+"""Plots and the Markdown report: training curves, confusion matrix, image grids, the dataset section."""
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 
 from pipeline import fileio
+
+# Markdown markup characters; an underscore only where it could open or close emphasis (not inside a word)
+_MARKUP = re.compile(r"[\\`*\[\]|]|(?<![^\W_])_|_(?![^\W_])")
 
 
 def _pyplot():
@@ -84,3 +88,35 @@ def plot_grid(images, titles, path, columns=4):
         ax.imshow(np.clip(image, 0, 255).astype(np.uint8))
         ax.set_title(title, fontsize=9)
     _save(fig, path)
+
+
+def markdown_text(text):
+    """`text` (a message, a file name) as Markdown that shows it as it is: markup characters are escaped, and `<`,
+    so that no file name becomes an HTML tag in report.html."""
+    return _MARKUP.sub(lambda m: "\\" + m.group(0), text).replace("<", "&lt;").replace("\n", " ")
+
+
+def dataset_section(ingest_report, report_path, limit=20):
+    """The report's "Dataset" section, from ingest's report (a dict): the source, the images per split, where the
+    splits came from (ingest's notes), ingest's warnings (the first `limit`, then how many more) and the numbers
+    of bad images and ignored files; `report_path` is ingest's report as the section links to it."""
+    link = f"[{report_path.rsplit('/', 1)[-1]}]({report_path})"
+    layout = "split folders" if ingest_report["layout"] == "splits" else "class folders, split by ingest"
+    lines = ["## Dataset", "", f"Source: {markdown_text(ingest_report['source'])} ({layout}); "
+             f"{len(ingest_report['classes'])} classes.", "", "| split | images |", "|---|---|"]
+    lines += [f"| {split} | {count} |" for split, count in ingest_report["images"].items()]
+    if ingest_report["notes"]:
+        lines += ["", *(f"- {markdown_text(note)}" for note in ingest_report["notes"])]
+    lines += ["", *_warning_lines(ingest_report["warnings"], link, limit)]
+    lines += ["", f"Bad images skipped: {len(ingest_report['bad_images'])}; files ignored: "
+                  f"{len(ingest_report['ignored_files'])} (each listed with its reason in {link})."]
+    return lines
+
+
+def _warning_lines(warnings, link, limit):
+    if not warnings:
+        return ["Ingest's warnings: none."]
+    lines = [f"Ingest's warnings ({len(warnings)}):", "", *(f"- {markdown_text(w)}" for w in warnings[:limit])]
+    if len(warnings) > limit:
+        lines.append(f"- and {len(warnings) - limit} more in {link}")
+    return lines

@@ -17,7 +17,8 @@ class Stage:
     dynamic_imports: modules it imports by name at run time, which reading its imports cannot find. The
         source of its module and of every package module these import, directly or not, is part of its cache
         key (pipeline.code_deps).
-    external: the module's `fingerprint(cfg)` describes inputs from outside the artifacts (the dataset).
+    external: the module's `fingerprint(cfg, sources_dir)` describes inputs from outside the artifacts (the dataset;
+        sources_dir: where the artifacts keep unpacked archives).
     """
 
     name: str

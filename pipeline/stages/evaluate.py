@@ -14,7 +14,7 @@ from pipeline.data.labels import class_indices
 from pipeline.errors import DataError
 from pipeline.progress import Progress
 from pipeline.reporting import html_report
-from pipeline.reporting.report import plot_confusion, plot_grid
+from pipeline.reporting.report import dataset_section, plot_confusion, plot_grid
 from pipeline.train import models
 from pipeline.train.training import keras_verbose
 
@@ -135,6 +135,7 @@ def _report(ctx, result, classes, rows, worst, probs, predicted):
     lines += [f"- Macro F1: {result['macro_f1']:.4f}; weighted F1: {result['weighted_f1']:.4f}",
               "- Weakest classes (F1): " + ", ".join(
                   f"{c} ({result['per_class'][c]['f1-score']:.2f})" for c in result["weakest_classes"]), "",
+              *_dataset_lines(ctx.inputs["ingest"]), "",
               "## Per class", "", "| class | precision | recall | F1 | images |", "|---|---|---|---|---|"]
     for c in classes:
         m = result["per_class"][c]
@@ -153,6 +154,11 @@ def _report(ctx, result, classes, rows, worst, probs, predicted):
         if stage in ctx.inputs:
             lines.append(f"- {stage}: ![{stage} curves](../{stage}/{ctx.inputs[stage].curves.name})")
     return "\n".join(lines) + "\n"
+
+
+def _dataset_lines(ingest):
+    """The report's Dataset section from ingest's report, which it links to beside this stage's folder."""
+    return dataset_section(fileio.read_json(ingest.report), f"../{ingest.root.name}/{ingest.report.name}")
 
 
 def app_section(cfg, accuracies, recommended):

@@ -13,7 +13,6 @@ from pipeline.backbones import alpha_of
 from pipeline.data.images import load_array
 from pipeline.data.labels import class_indices
 from pipeline.errors import ExportError, PipelineError
-from pipeline.export import allocator
 from pipeline.export.conversions import Conversions
 from pipeline.export.formats import FORMATS
 from pipeline.export.meta import model_meta
@@ -140,7 +139,6 @@ def export_and_check(cfg, inputs, model, meta, files):
     The summary's "elapsed" is the wall time of it all.
     """
     t0 = time.monotonic()
-    allocator.keep_freed_memory()
     with start_conversions(cfg, inputs, model, meta, files) as conversions:
         rows = parity(cfg, inputs, files, model, meta, ready=conversions.wait)
     return {**conversions.summary(), "elapsed": round(time.monotonic() - t0, 2)}, rows
@@ -197,7 +195,8 @@ def stop_on_failures(rows, show_table=True):
     """An ExportError listing the rows whose fp32 files disagree with Keras or whose interface is wrong, if any."""
     stop = blocking_failures(rows)
     if stop:
-        raise ExportError("exports disagree with the Keras model beyond the export thresholds (export.*):\n"
+        raise ExportError("exported files fail their checks (a damaged file, a wrong interface, or answers that "
+                          "disagree with the Keras model beyond the export.* thresholds):\n"
                           + (table(rows) if show_table else "")
                           + "\n".join(f"{r['title']}: {r['verdict']}" for r in stop))
 
@@ -230,7 +229,6 @@ def verify(cfg, catalog):
     missing = [str(path) for path in files.values() if not path.exists()]
     if missing:
         raise PipelineError(f"no exported file {', '.join(missing)}: run `python -m pipeline export` first")
-    allocator.keep_freed_memory()
     return parity(cfg, {name: catalog.stage(name) for name in ("ingest", "finetune", "evaluate")}, files)
 
 

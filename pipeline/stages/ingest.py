@@ -20,34 +20,69 @@ from pipeline.errors import DataError
 log = logging.getLogger("pipeline.ingest")
 
 INDEX_COLUMNS = ("split", "label", "path", "width", "height", "bytes", "sha256", "converted")
+NESTED_ARCHIVE = ("an archive inside the dataset; not unpacked: unpack it into its class folder, or pass the archive "
+                  "itself as --data")
 
 
-def fingerprint(cfg):
+def fingerprint(cfg, sources_dir=None):
     """The dataset's identity for the cache key: its resolved path and every file's name, size and hash
-    (a symbolic link ingest does not follow: its target's name, never its content)."""
+    (a symbolic link ingest does not follow: its target's name, never its content; a file or folder that cannot
+    be read: why, so that the key changes once it can be).
+
+    sources_dir: where archives are unpacked (the catalog's); given, a damaged unpacked copy of the archive
+    changes the key, so that ingest runs again and unpacks it anew.
+    """
     path = cfg.data.path
     if path is None:
         return {"download": dataset.SNACKS_URL, "counts": dataset.SNACKS_COUNTS}
     path = Path(path).resolve()
     if path.is_file():
-        return {"archive": str(path), "sha256": _cached_hash(path)}
+        return _archive_entry(path, sources_dir)
     if not path.is_dir():
         return {"missing": str(path)}
     return {"folder": str(path), "files": _file_entries(path, path, cfg.ingest.follow_symlinks, set())}
 
 
+def _archive_entry(path, sources_dir):
+    try:
+        sha256 = _cached_hash(path)
+    except OSError as exc:
+        return {"archive": str(path), "sha256": f"unreadable: {dataset.os_reason(exc)}"}
+    entry = {"archive": str(path), "sha256": sha256}
+    copy = dataset.unpacked_folder(sources_dir, sha256) if sources_dir else None
+    # An absent copy leaves the key as an intact one does: else the run that first unpacks it would be followed by
+    # one more. After a damaged copy is unpacked again, ingest runs once more, to identical outputs.
+    if copy and copy.exists() and (damage := dataset.unpacked_damage(copy)):
+        entry["unpacked"] = f"damaged: {damage}"
+    return entry
+
+
 def _file_entries(folder, root, follow, seen):
+    try:
+        listing = dataset.list_folder(folder)
+    except DataError as exc:
+        return [[str(folder.relative_to(root)), "folder", f"unlistable: {dataset.os_reason(exc.__cause__)}"]]
     entries = []
-    for p in sorted(folder.rglob("*")):
+    for p in listing:
         name = str(p.relative_to(root))
         if unfollowed_link(p, root, follow):
             entries.append([name, "link", os.readlink(p)])
         elif p.is_file():
-            entries.append([name, p.stat().st_size, _cached_hash(p)])
-        elif p.is_symlink() and p.resolve() not in seen:  # a folder link ingest may follow; rglob does not
-            seen.add(p.resolve())
+            entries.append(_file_entry(p, name))
+        elif p.is_dir() and (not p.is_symlink() or p.resolve() not in seen):
+            if p.is_symlink():  # a folder link ingest may follow
+                seen.add(p.resolve())
             entries += _file_entries(p, root, follow, seen)
     return entries
+
+
+def _file_entry(path, name):
+    size = None
+    try:
+        size = path.stat().st_size
+        return [name, size, _cached_hash(path)]
+    except OSError as exc:
+        return [name, size, f"unreadable: {dataset.os_reason(exc)}"]
 
 
 _HASHES = {}
@@ -55,7 +90,7 @@ _HASHES = {}
 
 def _cached_hash(path):
     stat = path.stat()
-    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    key = (str(path), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)  # ctime: a chmod may make it unreadable
     if key not in _HASHES:
         _HASHES[key] = fileio.sha256_file(path)
     return _HASHES[key]
@@ -98,19 +133,31 @@ def _skipped_link(path, root, cfg, ignored):
 
 def _class_folders(split_dir, root, cfg, ignored):
     folders = {}
-    for entry in sorted(split_dir.iterdir()):
+    for entry in dataset.list_folder(split_dir):
         if _skipped_link(entry, root, cfg, ignored):
             continue
         if entry.is_dir() and not entry.name.startswith((".", "__MACOSX")):
-            folders[dataset.label_of(entry.name)] = entry
+            label = dataset.label_of(entry.name)
+            if label in folders:
+                raise _twin_error(folders[label], entry, label)
+            folders[label] = entry
+        elif entry.is_file() and dataset.is_archive(entry):
+            ignored.append({"path": str(entry), "reason": NESTED_ARCHIVE})
         else:
             ignored.append({"path": str(entry), "reason": "not inside a class folder"})
     return folders
 
 
+def _twin_error(first, second, label):
+    # ascii() shows the two names' code points, which print alike
+    return DataError(f"class folders '{first}' and '{second}' differ only in Unicode normalisation "
+                     f"({ascii(first.name)} and {ascii(second.name)}), so both would be class '{label}'; move the "
+                     "images of one into the other and remove it, or rename one")
+
+
 def _scan_folder(folder, label, split, root, cfg, ignored, bad):
     rows = []
-    for path in sorted(folder.rglob("*")):
+    for path in dataset.walk(folder):
         if _skipped_link(path, root, cfg, ignored):
             continue
         if path.is_symlink() and path.is_dir():
@@ -119,27 +166,42 @@ def _scan_folder(folder, label, split, root, cfg, ignored, bad):
             continue
         if not path.is_file():
             continue
+        if dataset.is_archive(path):
+            ignored.append({"path": str(path), "reason": NESTED_ARCHIVE})
+            continue
         if not is_image_name(path):
             ignored.append({"path": str(path), "reason": "not an image file name"})
             continue
         try:
-            size = path.stat().st_size
-            if size > cfg.ingest.max_file_mb * 1e6:
-                raise BadImage(f"absurdly large file: {size / 1e6:.0f} MB "
-                               f"(ingest.max_file_mb is {cfg.ingest.max_file_mb})")
-            data = path.read_bytes()
+            data = _read_image(path, cfg.ingest)
             info = inspect_bytes(data, cfg.ingest.max_image_pixels)
+        except OSError as exc:
+            _bad_image(path, f"cannot be read: {dataset.os_reason(exc)}",
+                       f"fix its permissions (chmod a+r '{path}') or remove the file", cfg, bad, exc)
+            continue
         except BadImage as exc:
-            if cfg.ingest.on_bad_image == "fail":
-                raise DataError(f"bad image '{path}': {exc}; fix or remove the file, or set "
-                                "ingest.on_bad_image: skip to list and skip such files") from exc
-            bad.append({"path": str(path), "reason": str(exc)})
-            log.warning("skipping bad image %s: %s", path, exc)
+            _bad_image(path, str(exc), "fix or remove the file", cfg, bad, exc)
             continue
         rows.append({"split": split, "label": label, "path": str(path), "width": info.width,
                      "height": info.height, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
                      "converted": info.converted})
     return rows
+
+
+def _read_image(path, limits):
+    size = path.stat().st_size
+    if size > limits.max_file_mb * 1e6:
+        raise BadImage(f"absurdly large file: {size / 1e6:.0f} MB (ingest.max_file_mb is {limits.max_file_mb})")
+    return path.read_bytes()
+
+
+def _bad_image(path, reason, fix, cfg, bad, cause):
+    """List and skip a bad image, or with ingest.on_bad_image: fail, stop with an error naming it and the fix."""
+    if cfg.ingest.on_bad_image == "fail":
+        raise DataError(f"bad image '{path}': {reason}; {fix}, or set ingest.on_bad_image: skip to list and skip "
+                        "such files") from cause
+    bad.append({"path": str(path), "reason": reason})
+    log.warning("skipping bad image %s: %s", path, reason)
 
 
 def check_folder_links(layout, cfg):
@@ -186,7 +248,8 @@ def scan(layout, cfg):
 
 
 def check(rows, layout, cfg):
-    """Classes and warnings: missing or empty classes, leakage across splits, imbalance."""
+    """Classes, counts, warnings (missing or empty classes, imbalance, identical images: label conflicts, leakage
+    across splits, duplicates) and the number of leaks."""
     warnings = []
     counts = defaultdict(Counter)
     for row in rows:
@@ -214,16 +277,52 @@ def check(rows, layout, cfg):
                             f"less than {cfg.ingest.imbalance_ratio:g} x the largest class ({largest}); to make "
                             "it count as much, set train_head.class_weight (and finetune.class_weight) to "
                             "balanced, or train_head.oversample (and finetune.oversample) to true")
+    conflicts, leaks, duplicates = identical_images(rows)
+    warnings += [_conflict_warning(group, layout.root) for group in conflicts]
+    for group in leaks:
+        warnings.append("leakage: the same image is in " + ", ".join(f"{r['split']} ({r['path']})" for r in group))
+    if duplicates:
+        warnings.append(f"{len(duplicates)} image(s) appear more than once within one split")
+    return classes, counts, warnings, len(leaks)
+
+
+def identical_images(rows):
+    """The groups of byte-identical image rows (the same sha256), each under one heading only: label conflicts
+    (more than one label), leaks (one label, more than one split) and duplicates (one label, one split).
+
+    A label conflict is never also counted as a leak or a duplicate: its labels are to be fixed first, and a copy
+    kept in two splits, or twice in one, is reported as such on the next run.
+    """
     by_hash = defaultdict(list)
     for row in rows:
         by_hash[row["sha256"]].append(row)
-    leaks = [group for group in by_hash.values() if len({r["split"] for r in group}) > 1]
-    for group in leaks:
-        warnings.append("leakage: the same image is in " + ", ".join(f"{r['split']} ({r['path']})" for r in group))
-    duplicates = sum(1 for group in by_hash.values() if len(group) > 1 and group not in leaks)
-    if duplicates:
-        warnings.append(f"{duplicates} image(s) appear more than once within one split")
-    return classes, counts, warnings, len(leaks)
+    conflicts, leaks, duplicates = [], [], []
+    for group in by_hash.values():
+        if len({r["label"] for r in group}) > 1:
+            conflicts.append(group)
+        elif len({r["split"] for r in group}) > 1:
+            leaks.append(group)
+        elif len(group) > 1:
+            duplicates.append(group)
+    return conflicts, leaks, duplicates
+
+
+def _conflict_warning(group, root):
+    named = [f"'{_shown(r['path'], root)}' ({r['label']})" for r in group]
+    return (f"label conflict: the same image is {', '.join(named[:-1])} and {named[-1]}; "
+            "keep it in one class only")
+
+
+def _shown(path, root):
+    """A file's path as shown in a message: relative to the dataset folder, as the user arranged it."""
+    path = Path(path)
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+
+
+def _warned(item):
+    """Whether an ignored file gets a warning of its own: a link not followed, an archive not unpacked (photos the
+    user meant to include), unlike a stray non-image such as .DS_Store."""
+    return "link" in item or item["reason"] == NESTED_ARCHIVE
 
 
 def run(ctx):
@@ -235,13 +334,14 @@ def run(ctx):
     log.info("scanning %s (%s layout)", layout.root, "split folders" if layout.kind == "splits" else "class folders")
     rows, ignored, bad, notes = scan(layout, cfg)
     classes, counts, warnings, leaks = check(rows, layout, cfg)
-    for message in notes + warnings:
+    conflicts = len(identical_images(rows)[0])
+    for message in notes:  # where the splits came from: information, not a problem
+        log.info(message)
+    warned = [item for item in ignored if _warned(item)]
+    for item in warned:
+        log.warning("ignoring %s: %s", item["path"], item["reason"])
+    for message in warnings:
         log.warning(message)
-    for item in ignored:
-        if "link" in item:
-            log.warning("not following %s: %s", item["path"], item["reason"])
-    if ignored:
-        log.info("ignored %d file(s) (non-images, links not followed), listed in %s", len(ignored), out.report.name)
     rows = [r for r in rows if r["label"] in classes]
 
     out.write_classes(classes)
@@ -253,13 +353,21 @@ def run(ctx):
         "source": str(layout.root), "layout": layout.kind, "classes": classes, "images": split_totals,
         "notes": notes, "warnings": warnings, "bad_images": bad, "ignored_files": ignored,
         "converted": [{"path": r["path"], "converted": r["converted"]} for r in rows if r["converted"]],
+        "leaks": leaks, "label_conflicts": conflicts,
     })
     return {
-        "message": f"{len(classes)} classes, {len(rows)} images (train {split_totals['train']} / val "
-                   f"{split_totals['val']} / test {split_totals['test']}), {len(bad)} bad, {len(ignored)} ignored, "
-                   f"{len(warnings)} warning(s)",
+        "message": _summary(classes, rows, split_totals, bad, ignored, warned, warnings, out.report.name),
         "classes": len(classes), "images": split_totals, "bad_images": len(bad), "ignored_files": len(ignored),
-        "leaks": leaks,
+        "leaks": leaks, "label_conflicts": conflicts,
     }
 
 
+def _summary(classes, rows, split_totals, bad, ignored, warned, warnings, report_name):
+    """The stage's summary line. Its counts of bad images and of other warnings are those of the WARNING lines of
+    each kind; of the ignored files (all listed in the report) it says how many had a WARNING line."""
+    ignored_text = f"{len(ignored)} file(s) ignored"
+    if ignored:
+        ignored_text += f" ({len(warned)} warned about; all listed in {report_name})"
+    return (f"{len(classes)} classes, {len(rows)} images (train {split_totals['train']} / val {split_totals['val']} "
+            f"/ test {split_totals['test']}), {len(bad)} bad image(s) skipped, {ignored_text}, "
+            f"{len(warnings)} other warning(s)")
