@@ -10,10 +10,12 @@ TQDM_DISABLE, set in pipeline/__init__.py before tqdm is imported; our own bars 
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import sys
 import tempfile
+import warnings
 
 LIBRARY_LOGGERS = ("tensorflow", "absl", "coremltools", "tf2onnx", "onnx", "h5py", "matplotlib", "PIL")
 
@@ -56,6 +58,24 @@ def native_stderr():
             if failed:
                 held.seek(0)
                 sys.stderr.write(held.read().decode("utf-8", "replace"))
+
+
+@contextlib.contextmanager
+def converter_output():
+    """Hold back all a converter says inside the block: what it prints (coremltools' quantization prints a line
+    per layer), its Python warnings and what its native code writes to stderr. Shown if the block fails, or -v."""
+    if _verbose:
+        yield
+        return
+    printed = io.StringIO()
+    with warnings.catch_warnings(), native_stderr():
+        warnings.simplefilter("ignore")
+        try:
+            with contextlib.redirect_stdout(printed):
+                yield
+        except BaseException:
+            sys.stderr.write(printed.getvalue())
+            raise
 
 
 def load_tensorflow():

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny image folders of coloured shapes built on the fly."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import zlib
@@ -251,6 +252,26 @@ def backbone_classifier(name):
     meta = ExportMeta(labels=EXPORT_LABELS, image_size=32, scale=spec.input_scale, bias=spec.input_bias,
                       author="tests", license="MIT", description="", version="0.0")
     return model, meta
+
+
+@contextlib.contextmanager
+def log_records(name, level):
+    """The records logger `name` gets at `level` and above inside the block (the CLI's logging setup keeps them from
+    pytest's caplog)."""
+    import logging
+
+    records = []
+    handler = logging.Handler(level)
+    handler.emit = records.append
+    logger = logging.getLogger(name)
+    saved = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(min(level, saved or level))
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved)
 
 
 def backbones_to_export(also_lite2=False):

@@ -11,8 +11,9 @@ import pytest
 from conftest import REPO
 from test_parity import colour_meta, colour_model  # the tiny colour classifier of the parity tests
 
+from pipeline import quiet
 from pipeline.errors import ExportError
-from pipeline.export.conversions import Conversions
+from pipeline.export.conversions import Conversions, export_file
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +134,13 @@ def _alive(pid):
     except OSError:
         return False
     return state != "Z"  # a zombie has ended; only its exit status waits to be collected
+
+
+def test_a_converters_own_lines_are_held_back_unless_verbose(tmp_path, model, capfd, monkeypatch):
+    """coremltools' quantization prints a line per layer, and converters warn; the pipeline's output shows neither
+    unless -v asks for the libraries' output."""
+    export_file("coreml-int8", model, colour_meta(), tmp_path / "quiet.mlmodel")
+    assert capfd.readouterr() == ("", "")
+    monkeypatch.setattr(quiet, "_verbose", True)
+    export_file("coreml-int8", model, colour_meta(), tmp_path / "verbose.mlmodel")
+    assert "Quantizing layer" in capfd.readouterr().out

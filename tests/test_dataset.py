@@ -10,7 +10,7 @@ import zipfile
 from collections import Counter
 
 import pytest
-from conftest import CLASSES, make_class_dataset, make_split_dataset, write_images, zip_folder
+from conftest import CLASSES, log_records, make_class_dataset, make_split_dataset, write_images, zip_folder
 
 from pipeline import fileio
 from pipeline.config import IngestConfig
@@ -163,14 +163,9 @@ def test_unpacked_copy_lists_its_files(tmp_path):
 
 @pytest.fixture
 def dataset_warnings():
-    """The warnings logged by pipeline.data.dataset (the CLI's logging setup keeps them from pytest's caplog)."""
-    records = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = records.append
-    logger = logging.getLogger("pipeline.dataset")
-    logger.addHandler(handler)
-    yield records
-    logger.removeHandler(handler)
+    """The warnings logged by pipeline.data.dataset."""
+    with log_records("pipeline.dataset", logging.WARNING) as records:
+        yield records
 
 
 @pytest.mark.parametrize("suffix", [".zip", ".tar.gz"])

@@ -22,6 +22,7 @@ from conftest import (
     SMOKE_CONFIG,
     exif_jpeg,
     invoke,
+    log_records,
     make_class_dataset,
     make_split_dataset,
     shape_image,
@@ -727,17 +728,9 @@ def test_new_ingest_keys_are_validated(key, value):
 
 @pytest.fixture
 def pipeline_log():
-    """Every record the pipeline logs at INFO and above (the CLI's logging setup keeps them from pytest's caplog)."""
-    records = []
-    handler = logging.Handler(logging.INFO)
-    handler.emit = records.append
-    logger = logging.getLogger("pipeline")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield records
-    logger.removeHandler(handler)
-    logger.setLevel(level)
+    """Every record the pipeline logs at INFO and above."""
+    with log_records("pipeline", logging.INFO) as records:
+        yield records
 
 
 def warning_lines(records):

@@ -123,7 +123,8 @@ def export_file(name, model, meta, path, calibration=None):
                               "stage passes export.calibration_images training images")
         extra["calibration"] = calibration
     try:
-        fmt.exporter().export(model, meta, path, fmt.precision, **extra)
+        with quiet.converter_output():
+            fmt.exporter().export(model, meta, path, fmt.precision, **extra)
     except PipelineError:
         raise
     except Exception as exc:  # a converter's own error, whatever its type
