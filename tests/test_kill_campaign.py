@@ -123,6 +123,7 @@ def test_plan_cycles_through_the_stages():
     assert [s for _, s, _ in moments] == list(kc.STAGES) * 3
     assert all(0.2 <= m <= 7.0 for _, _, m in moments)
     assert moments == kc.plan(18, list(kc.STAGES), 0, reference)
+    assert all(5.0 <= m <= 7.0 for _, _, m in kc.plan(18, list(kc.STAGES), 0, reference, during="stage"))
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads Linux's /proc")

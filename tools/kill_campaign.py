@@ -20,7 +20,8 @@ campaign made it, whose contents are then replaced):
    (for train-head without the feature store, so that a kill may land while the features are computed), `status`
    must say the copy is fresh, then `python -m pipeline ... --artifacts COPY --force STAGE` is started in its own
    session and only its main process is SIGKILLed (`os.kill(pid, SIGKILL)`, not the group: its children must end by
-   themselves) at a moment drawn uniformly from [0.2 s, start-up + the stage's reference duration]. Then:
+   themselves) at a moment drawn uniformly from [0.2 s, start-up + the stage's reference duration] (with
+   --during stage: from [start-up, start-up + duration], aimed inside the stage). Then:
    a. every process that descended from it (its process tree, polled every 0.1 s until the kill, plus every process
       still in its session) must have ended within 15 s; a zombie counts as ended; one that has not is reported
       and killed;
@@ -699,13 +700,16 @@ def check_rerun(setup, cmd, folder, stage, row):
     row["failures"] += failures
 
 
-def plan(kills, stages, seed, reference):
-    """[(number, stage, moment)] of the campaign: stages in turn, moments uniform in [0.2 s, start-up + duration]."""
+def plan(kills, stages, seed, reference, during="run"):
+    """[(number, stage, moment)] of the campaign: stages in turn, moments uniform in [0.2 s, start-up + duration]
+    (`during` "run"), or in [start-up, start-up + duration] (`during` "stage": aimed inside the stage itself)."""
     rng = random.Random(seed)
     moments = []
     for number in range(1, kills + 1):
         stage = stages[(number - 1) % len(stages)]
-        moments.append((number, stage, rng.uniform(0.2, max(0.3, reference.startup + reference.durations[stage]))))
+        low = reference.startup if during == "stage" else 0.2
+        high = max(low + 0.1, reference.startup + reference.durations[stage])
+        moments.append((number, stage, rng.uniform(low, high)))
     return moments
 
 
@@ -791,7 +795,7 @@ def campaign(args, record):
     record["varies_between_runs"] = describe_varying(clean_diffs)
     say("varies between two never-killed runs (excused below):\n  " + "\n  ".join(record["varies_between_runs"]))
     rows = record["kills"]
-    for number, stage, moment in plan(args.kills, args.stages, args.seed, references[0]):
+    for number, stage, moment in plan(args.kills, args.stages, args.seed, references[0], args.during):
         say(f"kill {number}/{args.kills}: {stage} at {moment:.1f}s")
         rows.append(one_kill(setup, references[0], varying, number, stage, moment, args.keep))
         say(f"kill {number}: {rows[-1]['phase']}; " + ("ok" if rows[-1]["passed"] else
@@ -830,6 +834,9 @@ def parse_args(argv=None):
     parser.add_argument("--timeout", type=float, default=600, help="hard timeout of every run, seconds (600)")
     parser.add_argument("--python", default=sys.executable, help="the Python that runs the pipeline")
     parser.add_argument("--keep", action="store_true", help="keep every kill's artifacts, not only failed ones")
+    parser.add_argument("--during", choices=("run", "stage"), default="run",
+                        help="draw kill moments over the whole run, start-up included (run), or within the stage's "
+                             "reference duration after start-up (stage)")
     args = parser.parse_args(argv)
     args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in args.stages if s not in STAGES]
