@@ -73,10 +73,6 @@ class TrainFiles(StageFiles):
     curves = property(lambda self: self.root / "curves.png")
     summary = property(lambda self: self.root / "training.json")
 
-    def cache(self, name):
-        """A file of cached activations while the stage trains on them (removed when it finishes)."""
-        return self.root / f"cache-{name}.npy"
-
 
 class EvaluateFiles(StageFiles):
     """evaluate: metrics, the per-image predictions, plots and a Markdown report."""
@@ -124,19 +120,16 @@ class SweepFiles:
         return self.root / "runs" / f"{number:02d}-{slug}"
 
 
-class FeatureFiles:
-    """A feature store entry of train-head's cached features: per split, the features and each row's class index."""
+class ViewFiles:
+    """A feature store entry of one frozen output for one view of a split (pipeline.train.view_store)."""
 
     def __init__(self, root):
         self.root = Path(root)
 
-    def features(self, split):
-        """The (rows, features) array of `split` (`train`: every view of every image, view-major)."""
-        return self.root / f"{split}.npy"
-
-    def labels(self, split):
-        """The class index of each row of `split`'s features."""
-        return self.root / f"{split}-labels.npy"
+    outputs = property(lambda self: self.root / "outputs.npy")
+    """The (rows, ...) array: one row per image of the split, in its index's order."""
+    labels = property(lambda self: self.root / "labels.npy")
+    """The class index of each row."""
 
 
 STAGE_FILES = {
@@ -182,6 +175,18 @@ class Catalog:
     def temp(self):
         """The system temporary folder of a run's processes (converters write there), so nothing lands outside."""
         return self.root / ".tmp"
+
+    def backup(self, name, key):
+        """Where stage `name` keeps what it needs to go on after a kill (a training stage: the state after its last
+        finished epoch), for its cache key's digest `key`; removed when the stage completes."""
+        return self.backups_root / f"{name}-{key}"
+
+    def backups(self, name):
+        """The backup folders stage `name` has, for any key."""
+        return sorted(self.backups_root.glob(f"{name}-*")) if self.backups_root.is_dir() else []
+
+    backups_root = property(lambda self: self.root / ".resume")
+    """The folder of the stages' backup folders."""
 
     def leftovers(self, stage_names):
         """The temporary folders a killed run may have left: the stages' scratch roots, the run's temporary folder

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import signal
 import sys
+import textwrap
 
 import click
 
@@ -157,13 +159,35 @@ def _execute(ctx, results, **_):
                 results_ = predict.top_labels(predictor, predict.image_files(item["path"]), item["top_k"])
                 click.echo(predict.format_results(results_))
     except PipelineError as exc:
-        click.echo(f"error: {exc}", err=True)
+        click.echo(error_text(exc, _terminal_width(sys.stderr)), err=True)
         sys.exit(1)
     except KeyboardInterrupt as exc:
         signum = exc.signum if isinstance(exc, Terminated) else signal.SIGINT
         click.echo(f"{'terminated' if isinstance(exc, Terminated) else 'interrupted'}: the running stage was not "
                    "saved; its previous outputs are untouched", err=True)
         sys.exit(128 + signum)
+
+
+def error_text(exc, width=None):
+    """The line printed for a PipelineError: `error: ` and its message, wrapped to `width` columns (None: one line
+    per line of the message) with continuation lines indented; paths and other long words are never split."""
+    text = f"error: {exc}"
+    if width is None:
+        return text
+    return "\n".join(textwrap.fill(line, width, initial_indent="  " if i else "", subsequent_indent="  ",
+                                    break_long_words=False, break_on_hyphens=False)
+                      for i, line in enumerate(text.splitlines()))
+
+
+def _terminal_width(stream):
+    """The width to wrap messages to on `stream`: its terminal's (at most 100), or None when it is not a terminal,
+    so that redirected output keeps each message on one line for grep and log collectors."""
+    try:
+        if not stream.isatty():
+            return None
+    except (AttributeError, ValueError):
+        return None
+    return min(shutil.get_terminal_size((100, 24)).columns, 100)
 
 
 class Terminated(KeyboardInterrupt):

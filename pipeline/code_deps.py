@@ -10,6 +10,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+from pipeline import fileio
+
 PACKAGE = "pipeline"
 ROOT = Path(__file__).resolve().parent
 
@@ -75,3 +77,8 @@ def closure(modules):
         seen.add(name)
         stack.extend(direct_imports(name))
     return sorted(seen)
+
+
+def source_digest(modules):
+    """The SHA-256 of the named modules' source files: a cache key part that changes whenever their code does."""
+    return fileio.sha256_json({name: fileio.sha256_file(source_file(name)) for name in modules})

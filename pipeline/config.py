@@ -160,7 +160,8 @@ class TrainingConfig:
         copy it into the model at the end of every epoch, so validation, the kept best epoch and the saved
         model are the averaged weights; null = none.
     patience: EarlyStopping patience on validation accuracy (the best epoch is restored).
-    max_minutes: stop training after this many minutes (the best epoch so far is kept); null = no limit.
+    max_minutes: the time budget of training: no epoch starts that would end after it, judged by the longest
+        epoch so far (the best epoch is kept); null = no limit.
     flip_view, augmented_views: the fixed views of each training image that cached training computes once:
         the original, its mirror image if flip_view, and that many augmented copies.
     views_per_epoch: each epoch of cached training draws this many of those views per image (null = all), so
@@ -236,7 +237,7 @@ class TrainHeadConfig(TrainingConfig):
 @dataclass(frozen=True)
 class FinetuneConfig(TrainingConfig):
     """Fine-tuning the whole network, or its top blocks, at a lower learning rate. The defaults are the default
-    recipe's: EfficientNet-Lite0's blocks 6a-7a and top trained on cached block-6a inputs, at most 30 minutes.
+    recipe's: EfficientNet-Lite0's blocks 6a-7a and top trained on cached block-6a inputs, at most 24 minutes.
 
     epochs: 0 skips fine-tuning (the head model is passed on unchanged).
     unfreeze_from: `all` unfreezes the whole backbone; a cut point of the backbone (its registry entry in
@@ -257,7 +258,7 @@ class FinetuneConfig(TrainingConfig):
     schedule: typing.Literal["constant", "plateau", "cosine"] = "plateau"
     lr_patience: int = 1
     patience: int = 3
-    max_minutes: float | None = 30
+    max_minutes: float | None = 24
     augmented_views: int = 1
     unfreeze_from: str = "block6a"
     freeze_batchnorm: bool = True

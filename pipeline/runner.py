@@ -1,6 +1,7 @@
 """Runs stages: freshness from manifests, atomic stage folders, timing, logging and the summary line."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import importlib
 import logging
@@ -28,7 +29,10 @@ log = logging.getLogger("pipeline")
 class StageContext:
     """What a stage function gets: the config, its upstream stages' files, its own output files, the folder
     where dataset archives are unpacked (ingest's; it outlives any one run), the stage's cache key (its config,
-    code and inputs digests) and the store of features kept between runs (pipeline.cache.feature_store)."""
+    code and inputs digests), the store of features kept between runs (pipeline.cache.feature_store),
+    each upstream stage's output digests from its manifest ({stage: {file: SHA-256}}), and the folder where it
+    may keep state to go on from after a kill (kept while the stage's key stays the same, removed when it
+    completes)."""
 
     cfg: object
     inputs: dict
@@ -36,6 +40,8 @@ class StageContext:
     sources_dir: Path | None = None
     key: dict | None = None
     store: FeatureStore | None = None
+    upstream: dict | None = None
+    backup: Path | None = None
 
 
 @dataclass
@@ -46,10 +52,6 @@ class Freshness:
     reasons: list
     key: dict
     manifest: dict | None
-
-
-def _module_source_hash(modules):
-    return fileio.sha256_json({name: fileio.sha256_file(code_deps.source_file(name)) for name in modules})
 
 
 class Runner:
@@ -75,7 +77,7 @@ class Runner:
             upstream[name] = manifest["outputs"] if manifest else None
         return {
             "config": fileio.sha256_json({s: self.cfg.key_section(s) for s in stage.sections}),
-            "code": _module_source_hash(stage.code_modules()),
+            "code": code_deps.source_digest(stage.code_modules()),
             "inputs": fileio.sha256_json({"upstream": upstream, "external": external}),
         }
 
@@ -131,6 +133,8 @@ class Runner:
                 log.info("%-10s fresh, skipping (ran %s, took %s)", stage.name,
                          status.manifest.get("finished", "?"), _duration(status.manifest.get("duration_s")))
                 continue
+            if status.state == "fresh":  # forced: run it again from the start, not from a backup it left
+                self._remove_backups(stage.name)
             why = "forced" if forced else ", ".join(status.reasons)
             log.info("%-10s running (%s)", stage.name, why)
             self._run_stage(stage, status.key)
@@ -145,12 +149,14 @@ class Runner:
         sealed = SealedFolder(final, scratch, MANIFEST, "outputs")
         _make_scratch(sealed.path, final, self.catalog.root)
         inputs = {name: self.catalog.stage(name) for name in stage.upstream}
+        upstream = {name: (self.manifest(name) or {}).get("outputs") for name in stage.upstream}
         started = datetime.now(timezone.utc)
         t0 = time.monotonic()
         try:
             with sealed as folder, fileio.temporary_files_in(self.catalog.temp):
                 out = self.catalog.stage(stage.name, folder.path)
-                context = StageContext(self.cfg, inputs, out, self.catalog.sources, key, self.store)
+                context = StageContext(self.cfg, inputs, out, self.catalog.sources, key, self.store, upstream,
+                                       self._backup_folder(stage.name, key))
                 summary = module.run(context) or {}
                 duration = time.monotonic() - t0
                 resolved = self.cfg.resolved(stage.sections)
@@ -167,29 +173,24 @@ class Runner:
             raise
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+        self._remove_backups(stage.name)
         log.info("%-10s done in %s: %s", stage.name, _duration(duration), summary.get("message", ""))
         return manifest
 
-    # -- status -------------------------------------------------------------------------------------
-    def status(self):
-        """One row per stage: name, state, reasons, last run, duration, main outputs."""
-        rows = []
-        stale_upstream = set()
-        for stage in STAGES:
-            status = self.freshness(stage)
-            reasons = list(status.reasons) if status.state != "fresh" else []
-            if status.state == "fresh" and any(up in stale_upstream for up in stage.upstream):
-                status.state, reasons = "stale", ["upstream stale"]
-            if status.state != "fresh":
-                stale_upstream.add(stage.name)
-            m = status.manifest or {}
-            rows.append({
-                "stage": stage.name, "state": status.state, "why": ", ".join(reasons),
-                "last_run": m.get("finished", "-"), "took": _duration(m.get("duration_s")),
-                "outputs": ", ".join(k for k in m.get("outputs", {}) if "/" not in k and k not in
-                                     ("config.yaml",))[:80] or "-",
-            })
-        return rows
+    def _remove_backups(self, name):
+        for folder in self.catalog.backups(name):
+            shutil.rmtree(folder, ignore_errors=True)
+        with contextlib.suppress(OSError):  # the backups' folder too, once no stage has one
+            self.catalog.backups_root.rmdir()
+
+    def _backup_folder(self, name, key):
+        """Stage `name`'s backup folder for `key` (made by the stage when it first backs up), after removing
+        those of its other keys: a changed config, code or input never goes on from an older run's state."""
+        folder = self.catalog.backup(name, fileio.sha256_json(key)[:16])
+        for other in self.catalog.backups(name):
+            if other != folder:
+                shutil.rmtree(other, ignore_errors=True)
+        return folder
 
 
 def _make_scratch(tmp, final, artifacts):

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from pipeline.train.activations import ArrayFile, CachedBatches, view_specs, write_outputs
+from pipeline.train.activations import ArrayFile, CachedBatches, StackedArrays, write_outputs, write_view
 
 
 def test_array_file_reads_rows_in_any_order(tmp_path):
@@ -47,6 +47,37 @@ def test_write_outputs_concatenates_every_source_in_order(tmp_path):
     assert array.shape == (8, 2)
 
 
+def test_write_view_writes_each_kept_output_of_one_pass(tmp_path):
+    import tf_keras as keras
+
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, [keras.layers.Dense(2)(inputs), keras.layers.Dense(3)(inputs)])
+    x = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
+    classes = np.array([0, 1, 2, 0, 1])
+    labels = write_view(model, "a", _Batches(x, classes, 2), [None, (tmp_path / "b.npy", "float16")])
+    np.testing.assert_array_equal(labels, classes)
+    expected = model.predict(x, verbose=0)[1].astype(np.float16)
+    np.testing.assert_allclose(np.load(tmp_path / "b.npy").astype(np.float32), expected.astype(np.float32),
+                               rtol=2 ** -10)  # float16 keeps 11 significant bits
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.npy"]
+
+
+def test_stacked_arrays_read_rows_across_files_in_any_order(tmp_path):
+    a, b = np.arange(6.0).reshape(3, 2), np.arange(10.0, 14.0).reshape(2, 2)
+    np.save(tmp_path / "a.npy", a)
+    np.save(tmp_path / "b.npy", b)
+    stacked = StackedArrays([ArrayFile(tmp_path / "a.npy"), ArrayFile(tmp_path / "b.npy")])
+    both = np.concatenate([a, b])
+    assert stacked.shape == (5, 2) and len(stacked) == 5 and stacked.nbytes == both.nbytes
+    np.testing.assert_array_equal(stacked.rows([4, 0, 3, 2, 3]), both[[4, 0, 3, 2, 3]])
+    with pytest.raises(IndexError):
+        stacked.rows([5])
+    np.save(tmp_path / "c.npy", np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="one row shape"):
+        StackedArrays([ArrayFile(tmp_path / "a.npy"), ArrayFile(tmp_path / "c.npy")])
+    stacked.close()
+
+
 def _bank(tmp_path, n_images=6, n_views=3):
     # row v * n_images + i holds the value 10 * v + i: view v of image i
     values = np.array([[10 * v + i] for v in range(n_views) for i in range(n_images)], np.float32)
@@ -87,7 +118,3 @@ def test_rows_must_divide_into_views(tmp_path):
         CachedBatches(array, labels, 3, 4, n_views=3)
 
 
-def test_view_specs():
-    assert [name for name, _ in view_specs(True, 2)] == ["original", "mirrored", "augmented view 1",
-                                                         "augmented view 2"]
-    assert view_specs(False, 0) == [("original", {})]

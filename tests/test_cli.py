@@ -245,3 +245,46 @@ def test_a_small_network_runs_end_to_end_on_the_digits_folder(tmp_path, name):
     assert all(row["passed"] and row.get("top1_agreement", 1.0) == 1.0 for row in rows), rows
     metrics = json.loads((artifacts / "evaluate" / "metrics.json").read_text())
     assert metrics["accuracy"] > 0.3  # three epochs from scratch: well above chance (0.1), far from done
+
+
+def test_error_text_wraps_to_the_width_without_splitting_paths():
+    from pipeline.cli import error_text
+    from pipeline.errors import DataError
+
+    path = "/a/very/long/folder/name/that/is/wider/than/the/terminal/itself.jpg"
+    message = f"image '{path}' cannot be read (permission denied); fix its permissions\nsecond line of the message"
+    lines = error_text(DataError(message), 40).splitlines()
+    assert lines[0].startswith("error: image") and all(line.startswith("  ") for line in lines[1:])
+    assert all(len(line) <= 40 for line in lines if path not in line)
+    assert f"'{path}'" in lines[1]  # on its own line, whole
+    assert " ".join(line.strip() for line in lines) == f"error: {' '.join(message.split())}"
+    assert lines[-1] == "  second line of the message"  # the message's own line breaks are kept
+    assert error_text(DataError(message)) == f"error: {message}"  # not a terminal: as it is
+
+
+def test_errors_on_a_terminal_are_wrapped_to_its_width(tmp_path):
+    """A real pseudo-terminal as stderr: the message is wrapped to its COLUMNS; redirected, it stays one line."""
+    import os
+    import pty
+
+    args = [sys.executable, "-m", "pipeline", "--config", str(tmp_path / "missing.yaml"), "status"]
+    env = {**os.environ, "COLUMNS": "50"}
+    parent, child = pty.openpty()
+    process = subprocess.Popen(args, stderr=child, stdout=subprocess.DEVNULL, env=env, cwd=REPO)
+    os.close(child)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(parent, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(parent)
+    assert process.wait(timeout=60) == 1
+    wrapped = b"".join(chunks).decode().replace("\r\n", "\n").strip().splitlines()
+    piped = subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO, timeout=60).stderr.strip()
+    assert len(wrapped) > 1 and "\n" not in piped
+    assert all(len(line) <= 50 or " " not in line.strip() for line in wrapped)
+    assert " ".join(line.strip() for line in wrapped) == piped

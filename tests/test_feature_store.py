@@ -1,5 +1,6 @@
 """The feature store: entries made once per key, reused by later runs, never used when altered."""
 import csv
+import re
 import shutil
 
 import numpy as np
@@ -7,6 +8,8 @@ import pytest
 from conftest import base_args, invoke, ran
 
 from pipeline.cache.feature_store import ENTRY, FeatureStore
+
+COMPUTED = re.compile(r"computed .+ \(\d+ images\) in")
 
 
 def _maker(calls, value=1.0):
@@ -57,6 +60,25 @@ def test_a_failed_computation_leaves_nothing(tmp_path):
     assert store.get("k") is None and list((tmp_path / "store").iterdir()) == []
 
 
+def test_entries_made_together_are_stored_together_or_not_at_all(tmp_path):
+    store = FeatureStore(tmp_path / "store")
+
+    def make(folders):
+        for k, folder in enumerate(folders):
+            np.save(folder / "a.npy", np.full(2, k))
+
+    first, second = store.make_several(["a", "b"], make)
+    assert np.array_equal(np.load(second / "a.npy"), [1, 1]) and store.get("a") == first
+
+    def broken(folders):
+        make(folders)
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        store.make_several(["c", "d"], broken)
+    assert store.get("c") is None and store.get("d") is None and not store.scratch.exists()
+
+
 def test_the_least_recently_used_entries_beyond_keep_are_removed(tmp_path):
     import os
     import time
@@ -91,21 +113,26 @@ def test_train_head_reuses_features_when_only_the_head_changes(world, tmp_path):
     assert "reusing the backbone's features" not in computed.stderr
     assert _history(artifacts) == _history(fresh)
 
+    # Without the mirrored view, the original and augmented views' features are still the same numbers.
     views = invoke(*base_args(world, artifacts), "--set", "train_head.flip_view=false", "train-head")
-    assert "reusing the backbone's features" not in views.stderr  # other views are other features
+    assert "reusing the backbone's features of the original training images" in views.stderr
+    assert not COMPUTED.search(views.stderr) and _history(artifacts) != _history(fresh)
 
 
-def test_the_features_key_names_the_backbone_weights_and_views_not_the_head():
-    from types import SimpleNamespace
+def test_finetune_trains_on_the_activations_train_head_computed(world):
+    finetune_log = re.split(r"I finetune\s+running \(", world["first"].stderr)[1]
+    for view in ("original training images", "mirrored training images", "val images"):
+        assert f"reusing the activations at block12 of the {view}" in finetune_log
+        assert f"computed {view}" not in finetune_log
 
-    from pipeline import config
-    from pipeline.stages.train_head import features_key
 
-    def key(weights="w", **overrides):
-        cfg = config.from_dict(config.apply_overrides({}, [f"{k}={v}" for k, v in overrides.items()]))
-        return features_key(SimpleNamespace(cfg=cfg, key={"code": "c", "inputs": "i"}), weights)
+def test_a_finetune_setting_changed_reruns_it_without_computing_any_activations(world, tmp_path):
+    artifacts = tmp_path / "artifacts"
+    shutil.copytree(world["artifacts"], artifacts)
+    result = invoke(*base_args(world, artifacts), "--set", "finetune.learning_rate=0.0003", "finetune")
+    assert ran(result) == ["finetune"]
+    assert "reusing the activations at block12" in result.stderr and not COMPUTED.search(result.stderr)
+    seed = invoke(*base_args(world, artifacts), "--set", "finetune.seed=7", "finetune")
+    assert len(COMPUTED.findall(seed.stderr)) == 1  # only the augmented view draws other transforms
 
-    assert key() == key(**{"model.dropout": 0.1, "model.l2": 0.0, "train_head.learning_rate": 0.01})
-    for changed in (key(weights="other"), key(**{"model.image_size": 192}), key(**{"train_head.flip_view": False}),
-                    key(**{"train_head.augmented_views": 2})):
-        assert changed != key()
+

@@ -32,6 +32,18 @@ def test_split_at_block_composes_to_the_classifier(classifier, block):
     assert dense is classifier.get_layer("logits")
 
 
+@pytest.mark.parametrize("block", ["block7", "block13"])
+def test_features_and_activations_are_the_extractor_and_the_frozen_part_in_one_pass(classifier, block):
+    x = np.random.default_rng(1).uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32)
+    features, activations = (out.numpy() for out in
+                             models.features_and_activations(classifier, "mobilenet", block)(x, training=False))
+    lower, _ = models.split_at(classifier, "mobilenet", block)
+    # The same layers on the same batch: equal up to float32 rounding of the same operations.
+    np.testing.assert_allclose(features, models.feature_extractor(classifier)(x, training=False).numpy(),
+                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(activations, lower(x, training=False).numpy(), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("backbone, cut", [("efficientnet_lite0", "block2b"), ("efficientnet_lite0", "block6a"),
                                            ("efficientnet_lite0", "top"), ("mobilenet_v2", "block_3"),
                                            ("mobilenet_v2", "block_16")])

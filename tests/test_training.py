@@ -45,7 +45,22 @@ def test_a_second_fit_that_learns_the_same_writes_the_same_files(tmp_path):
     assert written[0] == written[1]
 
 
-def test_time_budget_stops_after_the_epoch_that_crosses_it(tmp_path):
+def test_time_budget_stops_before_an_epoch_that_would_end_after_it(monkeypatch):
+    from types import SimpleNamespace
+
+    clock = iter([0.0, 0.0, 100.0, 100.0, 210.0])  # start; epoch 1 from 0 to 100 s; epoch 2 from 100 to 210 s
+    monkeypatch.setattr(training.time, "monotonic", lambda: next(clock))
+    budget = training._callbacks()[1](250 / 60)
+    budget.set_model(SimpleNamespace(stop_training=False))
+    budget.on_epoch_begin(0)
+    budget.on_epoch_end(0)
+    assert not budget.model.stop_training  # 100 s run, another 100 s ends at 200 s: inside the 250 s
+    budget.on_epoch_begin(1)
+    budget.on_epoch_end(1)
+    assert budget.model.stop_training and budget.stopped_at == 2  # a third would end near 320 s
+
+
+def test_a_tiny_time_budget_still_runs_one_epoch(tmp_path):
     head = models.build_head(ModelConfig(), 3, 8)
     section = TrainHeadConfig(epochs=50, batch_size=16, learning_rate=0.01, patience=50, max_minutes=1e-6)
     summary = training.fit(head, data(), data(seed=1), section, TrainFiles(tmp_path))

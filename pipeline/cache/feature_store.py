@@ -1,15 +1,17 @@
 """Computed features kept between runs, under a key of everything they depend on, so other runs reuse them.
 
-train-head's cached features depend on the images, the frozen backbone, the views and the code that computes
-them, but not on the head's own settings. Its stage folder is replaced whenever the head's dropout or learning
-rate changes, so the features live here instead: a run (or a sweep combination) that changes only the head
-finds them and trains in seconds. Each entry is a sealed folder named by its key (pipeline.cache.sealed_folder):
-`entry.json`, written last, records the digest of each file, and an entry whose files do not match it is
-discarded and recomputed, never used. The least recently used entries beyond `keep` are removed, so the store
-holds a few datasets' features at most.
+The frozen backbone's outputs for fixed views of the images (train-head's pooled features, cached
+fine-tuning's activations at its cut point) depend on the images, the frozen layers, the view and the code that
+computes them, but not on what trains on them. The stage folders are replaced whenever a training setting
+changes, so these outputs live here instead: a run (or a sweep combination) that changes only the head or the
+fine-tuning settings finds them and skips straight to training. Each entry is a sealed folder named by its key
+(pipeline.cache.sealed_folder): `entry.json`, written last, records the digest of each file, and an entry whose
+files do not match it is discarded and recomputed, never used. The least recently used entries beyond `keep`
+are removed, so the store holds a few datasets' outputs at most.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -26,7 +28,7 @@ ENTRY = "entry.json"
 class FeatureStore:
     """A folder of entries, each a folder of files computed once for one key."""
 
-    def __init__(self, root, keep=4):
+    def __init__(self, root, keep=24):
         self.root, self.keep = Path(root), keep
 
     @property
@@ -64,21 +66,29 @@ class FeatureStore:
         if found is not None:
             log.info("reusing %s computed by an earlier run (%s)", what, found)
             return found, True
+        return self.make_several([key], lambda folders: make(folders[0]))[0], False
+
+    def make_several(self, keys, make):
+        """Make the entries `keys` together: `make(folders)` writes each one's files into its folder (one
+        computation with several results). Returns their folders; none is stored unless all are written."""
         # Not replacing: an entry another run stored under the same key meanwhile is the same computation.
-        with SealedFolder(self.folder(key), self.scratch, ENTRY, "files", replace=False) as entry:
-            make(entry.path)
-            entry.seal({"key": key, "made": time.strftime("%Y-%m-%dT%H:%M:%S")})
-        self._evict(keep_key=key)
-        return self.folder(key), False
+        with contextlib.ExitStack() as stack:
+            entries = [stack.enter_context(SealedFolder(self.folder(key), self.scratch, ENTRY, "files",
+                                                        replace=False)) for key in keys]
+            make([entry.path for entry in entries])
+            for key, entry in zip(keys, entries):
+                entry.seal({"key": key, "made": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        self._evict(keep_keys=set(keys))
+        return [self.folder(key) for key in keys]
 
     def remove_leftovers(self):
         """Remove the temporary folders of writes that never finished (a killed run's); call with the lock held."""
         for leftover in [self.scratch, *self.root.glob(".*.tmp")] if self.root.is_dir() else []:
             shutil.rmtree(leftover, ignore_errors=True)
 
-    def _evict(self, keep_key):
-        entries = sorted((p for p in self.root.iterdir() if (p / ENTRY).is_file() and p.name != keep_key),
+    def _evict(self, keep_keys):
+        entries = sorted((p for p in self.root.iterdir() if (p / ENTRY).is_file() and p.name not in keep_keys),
                          key=lambda p: (p / ENTRY).stat().st_mtime, reverse=True)
-        for old in entries[max(self.keep - 1, 0):]:
+        for old in entries[max(self.keep - len(keep_keys), 0):]:
             log.info("feature store: removing the least recently used entry %s", old)
             shutil.rmtree(old, ignore_errors=True)

@@ -19,6 +19,8 @@ class Stage:
         key (pipeline.code_deps).
     external: the module's `fingerprint(cfg, sources_dir)` describes inputs from outside the artifacts (the dataset;
         sources_dir: where the artifacts keep unpacked archives).
+    store_only: config sections the stage reads only to choose what else it computes into the feature store for
+        a later stage (whose own key holds them); its outputs do not depend on them, so its key does not either.
     """
 
     name: str
@@ -28,6 +30,7 @@ class Stage:
     help: str
     external: bool = False
     dynamic_imports: tuple = ()
+    store_only: tuple = ()
 
     def code_modules(self):
         """Every package module whose source can change what this stage computes."""
@@ -44,7 +47,7 @@ STAGES = (
     Stage("augment", "pipeline.stages.augment", ("augment", "model.backbone", "model.image_size"), ("ingest",),
           "Resolve the ImageDataGenerator settings and draw a preview grid of augmented training images."),
     Stage("train-head", "pipeline.stages.train_head", ("model", "train_head"), ("ingest", "augment"),
-          "Train a new classification head on the frozen ImageNet backbone."),
+          "Train a new classification head on the frozen ImageNet backbone.", store_only=("finetune",)),
     Stage("finetune", "pipeline.stages.finetune", ("model", "finetune"), ("ingest", "augment", "train-head"),
           "Unfreeze the backbone (whole or from a cut point on) and fine-tune at a lower learning rate."),
     Stage("evaluate", "pipeline.stages.evaluate", ("model", "evaluate", "export.name"),

@@ -8,7 +8,8 @@ from pipeline.backbones import cut_layer
 from pipeline.data.augmentation import split_batches
 from pipeline.fileio import write_json
 from pipeline.train import models, training
-from pipeline.train.activations import CachedBatches, cache_split, cache_views, view_specs
+from pipeline.train.activations import CachedBatches
+from pipeline.train.view_store import ViewStore, activations_output, backbone_section, split_view, training_views
 
 log = logging.getLogger("pipeline.finetune")
 
@@ -32,17 +33,19 @@ def _fit_cached(ctx, model):
     ingest, augment, size, batch = ctx.inputs["ingest"], ctx.inputs["augment"], cfg.model.image_size, section.batch_size
     n_classes = len(ingest.read_classes())
     lower, upper = models.split_at(model, cfg.model.backbone, section.unfreeze_from)
-    views = view_specs(section.flip_view, section.augmented_views)
-    # float16 halves the size of the cached activations; the network upcasts them on input.
-    x, y = cache_views(lower, ingest, augment, size, batch, views, section.seed, out.cache("train"), "float16")
-    val_x, val_y = cache_split(lower, ingest, augment, "val", size, batch, out.cache("val"), "float16")
-    log.info("cached %d activations of shape %s (%.2f GB on disk)", len(x), x.shape[1:],
+    store = ViewStore(ctx.store, ctx.upstream, backbone_section(cfg))
+    outputs = [activations_output(section.unfreeze_from, lower)]
+    views = training_views(section.flip_view, section.augmented_views, section.seed)
+    (x, y), = store.outputs(lower, outputs, views, ingest, augment, size)
+    (val_x, val_y), = store.outputs(lower, outputs, [split_view("val")], ingest, augment, size)
+    log.info("training on %d cached activations of shape %s (%.2f GB on disk)", len(x), x.shape[1:],
              (x.nbytes + val_x.nbytes) / 1e9)
     train = CachedBatches(x, y, n_classes, batch, shuffle=True, seed=section.seed, n_views=len(views),
                           views_per_epoch=section.views_per_epoch, oversample=section.oversample)
-    summary = training.fit(upper, train, CachedBatches(val_x, val_y, n_classes, batch), section, out)
+    val = CachedBatches(val_x, val_y, n_classes, batch)
+    summary = training.fit(upper, train, val, section, out, backup=ctx.backup)
     for array in (x, val_x):
-        array.remove()
+        array.close()
     return summary
 
 
@@ -68,7 +71,7 @@ def run(ctx):
         train = split_batches(ingest, augment, "train", size, section.batch_size, augment=True, shuffle=True,
                               seed=section.seed, oversample=section.oversample)
         val = split_batches(ingest, augment, "val", size, section.batch_size)
-        summary = training.fit(model, train, val, section, out)
+        summary = training.fit(model, train, val, section, out, backup=ctx.backup)
     models.save(model, out.model)
     return {"message": f"fine-tuned {where} ({section.inputs} inputs): best val accuracy "
                        f"{summary['val_accuracy']:.3f} at epoch {summary['best_epoch']}/{summary['epochs_run']}",

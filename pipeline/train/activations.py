@@ -85,32 +85,104 @@ class ArrayFile:
         os.unlink(self.path)
 
 
+class StackedArrays:
+    """ArrayFiles of one row shape and dtype seen as one array: the first's rows, then the second's, and so on."""
+
+    def __init__(self, files):
+        if not files or len({(f.shape[1:], f.dtype) for f in files}) != 1:
+            raise ValueError("stacked arrays need one or more files of one row shape and dtype: "
+                             + ", ".join(f"{f.path} {f.shape} {f.dtype}" for f in files))
+        self.files = list(files)
+        self.starts = np.cumsum([0] + [len(f) for f in self.files])
+        self.shape, self.dtype = (int(self.starts[-1]), *self.files[0].shape[1:]), self.files[0].dtype
+        self.path = self.files[0].path
+
+    def __len__(self):
+        return self.shape[0]
+
+    @property
+    def nbytes(self):
+        """The size of the arrays' data in bytes."""
+        return sum(f.nbytes for f in self.files)
+
+    def rows(self, indices):
+        """The rows at `indices` (over all the files), in that order, as one array."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError(f"row {indices.max() if indices.max() >= len(self) else indices.min()} of {len(self)}")
+        out = np.empty((len(indices), *self.shape[1:]), self.dtype)
+        which = np.searchsorted(self.starts, indices, side="right") - 1
+        for k, f in enumerate(self.files):
+            picked = np.flatnonzero(which == k)
+            if picked.size:
+                out[picked] = f.rows(indices[picked] - self.starts[k])
+        return out
+
+    def close(self):
+        """Close every file's handle."""
+        for f in self.files:
+            f.close()
+
+
+def _forward(model, name, batches):
+    """Yield ([each of `model`'s outputs as an array], class indices) batch by batch, with progress and a log line."""
+    t0 = time.monotonic()
+    progress = Progress(f"computing {name}", len(batches.paths), unit="images")
+    for i in range(len(batches)):
+        images, onehot = batches[i]
+        outputs = model(images, training=False)
+        outputs = [o.numpy() for o in outputs] if isinstance(outputs, (list, tuple)) else [outputs.numpy()]
+        yield outputs, onehot.argmax(axis=1)
+        progress.advance(len(images))
+    progress.close()
+    seconds = time.monotonic() - t0
+    log.info("computed %s (%d images) in %.0fs, %.1f images/s", name, len(batches.paths), seconds,
+             len(batches.paths) / max(seconds, 1e-9))
+
+
+def _output_shapes(model):
+    shapes = model.output_shape
+    return shapes if isinstance(shapes, list) else [shapes]
+
+
 def write_outputs(model, batch_sources, path, dtype):
     """Run `model` over every batch of every source and write the outputs, in order, to the `.npy` at `path`.
 
     `batch_sources` is a list of (name, ImageBatches). Returns an ArrayFile and the class index of each row.
     """
     total = sum(len(batches.paths) for _, batches in batch_sources)
-    shape = (total, *model.output_shape[1:])
-    array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(total, *_output_shapes(model)[0][1:]))
     labels, row = [], 0
     for name, batches in batch_sources:
-        t0 = time.monotonic()
-        progress = Progress(f"computing {name}", len(batches.paths), unit="images")
-        for i in range(len(batches)):
-            images, onehot = batches[i]
-            out = model(images, training=False).numpy()
+        for (out, *_), classes in _forward(model, name, batches):
             array[row:row + len(out)] = out.astype(dtype)
-            labels.append(onehot.argmax(axis=1))
+            labels.append(classes)
             row += len(out)
-            progress.advance(len(out))
-        progress.close()
-        seconds = time.monotonic() - t0
-        log.info("computed %s of %d images in %.0fs (%.1f images/s)", name, len(batches.paths), seconds,
-                 len(batches.paths) / max(seconds, 1e-9))
     array.flush()
     del array
     return ArrayFile(path), np.concatenate(labels)
+
+
+def write_view(model, name, batches, targets):
+    """Run `model` over `batches` once and write each of its outputs to its target.
+
+    targets: one per model output, (path of the `.npy` to write, dtype), or None for an output not kept.
+    Returns the class index of each row.
+    """
+    arrays = [None if target is None else
+              np.lib.format.open_memmap(target[0], mode="w+", dtype=target[1], shape=(len(batches.paths), *shape[1:]))
+              for target, shape in zip(targets, _output_shapes(model))]
+    labels, row = [], 0
+    for outputs, classes in _forward(model, name, batches):
+        for array, out, target in zip(arrays, outputs, targets):
+            if array is not None:
+                array[row:row + len(out)] = out.astype(target[1])
+        labels.append(classes)
+        row += len(classes)
+    for array in arrays:
+        if array is not None:
+            array.flush()
+    return np.concatenate(labels) if labels else np.zeros(0, np.int64)
 
 
 def cache_views(model, ingest_files, augment_files, size, batch_size, views, seed, path, dtype="float32"):

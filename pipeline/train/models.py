@@ -1,7 +1,10 @@
 """The classifier: backbone, then GlobalAveragePooling -> Dropout -> Dense(L2) -> softmax; saving and loading."""
 from __future__ import annotations
 
-from pipeline.backbones import BACKBONES, build_base
+from pipeline.backbones import BACKBONES, build_base, cut_layer
+
+HEAD_ONLY = ("dropout", "l2")
+"""The model keys that shape only the head, so the frozen backbone's outputs do not depend on them."""
 
 
 def _head_layers(model_cfg, n_classes):
@@ -71,8 +74,6 @@ def split_at(classifier, backbone_name, cut):
     """
     import tf_keras as keras
 
-    from pipeline.backbones import cut_layer
-
     base = backbone_of(classifier)
     cut_tensor = base.layers[cut_layer(base, backbone_name, cut)].input
     lower = keras.Model(base.input, cut_tensor, name="frozen_blocks")
@@ -82,6 +83,18 @@ def split_at(classifier, backbone_name, cut):
     for name in ("pool", "dropout", "logits", "probabilities"):
         x = classifier.get_layer(name)(x)
     return lower, keras.Model(inputs, x, name="upper_blocks")
+
+
+def features_and_activations(classifier, backbone_name, cut):
+    """A model from images to (pooled features, the backbone's activations at cut point `cut`): one forward pass
+    computes both, each as `feature_extractor` and `split_at`'s frozen part compute it alone."""
+    import tf_keras as keras
+
+    base = backbone_of(classifier)
+    inner = keras.Model(base.input, [base.output, base.layers[cut_layer(base, backbone_name, cut)].input])
+    images = keras.Input(classifier.input.shape[1:], name="image")
+    features, activations = inner(images, training=False)
+    return keras.Model(images, [classifier.get_layer("pool")(features), activations], name="features_and_activations")
 
 
 def backbone_of(classifier):

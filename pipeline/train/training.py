@@ -35,18 +35,35 @@ def _callbacks():
     import tf_keras as keras
 
     class TimeBudget(keras.callbacks.Callback):
-        """Stop training once `minutes` have passed (checked after each epoch)."""
+        """Stop training before an epoch that would end after `minutes` (judged by the longest epoch so far)."""
 
         def __init__(self, minutes):
             super().__init__()
             self.seconds = None if minutes is None else minutes * 60
-            self.start = time.monotonic()
+            self.start = self.epoch_start = time.monotonic()
+            self.longest = 0.0
             self.stopped_at = None
 
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch_start = time.monotonic()
+
+        def state(self):
+            """What a resumed run needs to count on from here: the training time so far, the longest epoch and
+            the epoch the budget stopped training after (None if it did not)."""
+            return {"elapsed": time.monotonic() - self.start, "longest": self.longest, "stopped_at": self.stopped_at}
+
+        def resume(self, state):
+            """Count on from a backed-up `state()`."""
+            self.start = time.monotonic() - state["elapsed"]
+            self.longest, self.stopped_at = state["longest"], state["stopped_at"]
+
         def on_epoch_end(self, epoch, logs=None):
-            if self.seconds is not None and time.monotonic() - self.start > self.seconds:
-                log.warning("time budget of %.1f min reached after epoch %d; keeping the best epoch",
-                            self.seconds / 60, epoch + 1)
+            now = time.monotonic()
+            self.longest = max(self.longest, now - self.epoch_start)
+            if self.seconds is not None and now - self.start + self.longest > self.seconds:
+                log.warning("time budget of %.1f min: another epoch (up to %.1f min) would end after it; stopping "
+                            "after epoch %d and keeping the best epoch", self.seconds / 60, self.longest / 60,
+                            epoch + 1)
                 self.stopped_at = epoch + 1
                 self.model.stop_training = True
 
@@ -114,13 +131,17 @@ def _optimizer(keras, section, steps_per_epoch):
     return keras.optimizers.Adam(section.learning_rate, **average)
 
 
-def fit(model, train, validation, section, files, **fit_kwargs):
+def fit(model, train, validation, section, files, backup=None, **fit_kwargs):
     """Compile and fit `model`; keep the best epoch by validation accuracy; write history and curves.
 
     `section` is the train_head or finetune config (epochs, learning rate and schedule, label smoothing,
     patience, max_minutes, ...). `train` is a Sequence of (inputs, one-hot labels) batches or an (x, y) tuple
-    of arrays; `validation` likewise. Returns a summary dict of the run.
+    of arrays; `validation` likewise. `backup`: a folder where the state after each epoch is kept, from which
+    a run killed before the end goes on at the next epoch (pipeline.train.resume); None: no backup. Returns a
+    summary dict of the run.
     """
+    from pipeline.train.resume import EpochBackup
+
     keras, TimeBudget, LearningRate, EpochLog = _callbacks()
     loss = keras.losses.CategoricalCrossentropy(label_smoothing=section.label_smoothing)
     x, y = train if isinstance(train, tuple) else (train, None)
@@ -136,6 +157,11 @@ def fit(model, train, validation, section, files, **fit_kwargs):
                                       restore_best_weights=True, verbose=0),
         budget,
     ]
+    backer = None
+    if backup is not None:  # after the callbacks whose state it keeps, before the line that reports the epoch
+        backer = EpochBackup(backup, list(callbacks), budget, files.checkpoint, section.epochs)
+        backer.set_model(model)
+        callbacks.append(backer)
     if keras_verbose() == 0:
         callbacks.append(EpochLog(section.epochs, steps_per_epoch))  # after LearningRate: the line shows lr
     if section.class_weight == "balanced":
@@ -143,15 +169,23 @@ def fit(model, train, validation, section, files, **fit_kwargs):
         n_classes = x.n_classes if y is None else np.asarray(y).shape[1]
         fit_kwargs["class_weight"] = balance.class_weights(labels, n_classes)
     seed_everything(section.seed)
+    restored = backer.restore() if backer is not None else None
+    done = restored["epoch"] if restored else 0
+    for _ in range(done if y is None and hasattr(x, "on_epoch_end") else 0):
+        x.on_epoch_end()  # the batch order of the epochs already run, as an unbroken run would have drawn it
     t0 = time.monotonic()
-    history = model.fit(x, y, validation_data=validation, epochs=section.epochs, callbacks=callbacks,
-                        batch_size=section.batch_size if y is not None else None, verbose=keras_verbose(),
-                        **fit_kwargs)
+    rows = list(restored["history"]) if restored else []
+    if not (restored and restored["finished"]):
+        # A Sequence draws its own seeded order each epoch, which a resumed run replays; Keras's shuffling of
+        # its batches would draw from NumPy's global generator instead, which a resumed run cannot replay.
+        history = model.fit(x, y, validation_data=validation, epochs=section.epochs, initial_epoch=done,
+                            callbacks=callbacks, batch_size=section.batch_size if y is not None else None,
+                            shuffle=y is not None, verbose=keras_verbose(), **fit_kwargs)
+        rows += [dict(epoch=e + 1, **{k: float(v[i]) for k, v in history.history.items()})
+                 for i, e in enumerate(history.epoch)]
     seconds = time.monotonic() - t0
     model.load_weights(str(files.checkpoint))  # the best epoch, whatever stopped training
     files.checkpoint.unlink()
-    rows = [dict(epoch=i + 1, **{k: float(v[i]) for k, v in history.history.items()})
-            for i in range(len(history.epoch))]
     write_history(files, rows)
     best = max(rows, key=lambda r: r["val_accuracy"])
     summary = {"epochs_run": len(rows), "best_epoch": best["epoch"], "val_accuracy": best["val_accuracy"],
@@ -159,7 +193,7 @@ def fit(model, train, validation, section, files, **fit_kwargs):
     # The file holds what was learnt, never how long it took: a rerun that learns the same writes the same bytes,
     # and the stages below stay fresh. The seconds go into the stage's manifest with the rest of its summary.
     fileio.write_json(files.summary, summary)
-    return {**summary, "fit_seconds": round(seconds, 1)}
+    return {**summary, "fit_seconds": round(seconds, 1), **({"resumed_after_epoch": done} if restored else {})}
 
 
 def write_history(files, rows):

@@ -1,0 +1,133 @@
+"""Training that resumes after a kill: at the epoch after the last one backed up, with the state an unbroken run
+would have had, and never from another config's backup."""
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import REPO, base_args, invoke, ran
+
+from pipeline.catalog import Catalog, TrainFiles
+from pipeline.config import FinetuneConfig, ModelConfig
+from pipeline.train import models, resume, training
+from pipeline.train.activations import ArrayFile, CachedBatches
+
+
+class _Killed(Exception):
+    """Stands in for a kill: raised right after an epoch's backup is written."""
+
+
+def _batches(tmp_path, name, seed, shuffle):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, 96)
+    x = rng.normal(size=(96, 8)).astype(np.float32) + 2 * np.eye(3, 8, dtype=np.float32)[y]
+    np.save(tmp_path / f"{name}.npy", x)
+    return CachedBatches(ArrayFile(tmp_path / f"{name}.npy"), y, 3, 16, shuffle=shuffle, seed=seed)
+
+
+def _fit(tmp_path, run, backup, kill_after=None, monkeypatch=None, epochs=5):
+    """A dropout-free head (so nothing random but the batch order) fitted with Adam on the plateau schedule."""
+    if kill_after is not None:
+        original = resume.EpochBackup.on_epoch_end
+
+        def on_epoch_end(self, epoch, logs=None):
+            original(self, epoch, logs)
+            if epoch + 1 == kill_after:
+                raise _Killed
+
+        monkeypatch.setattr(resume.EpochBackup, "on_epoch_end", on_epoch_end)
+    files = TrainFiles(tmp_path / run)
+    files.root.mkdir(exist_ok=True)
+    training.seed_everything(0)
+    head = models.build_head(ModelConfig(dropout=0.0), 3, 8)
+    section = FinetuneConfig(epochs=epochs, batch_size=16, learning_rate=0.01, lr_patience=0, patience=epochs)
+    summary = training.fit(head, _batches(tmp_path, "train", 1, True), _batches(tmp_path, "val", 2, False), section,
+                           files, backup=backup)
+    return head, summary, list(csv.DictReader(open(files.history)))
+
+
+def test_a_fit_killed_after_epoch_k_goes_on_at_k_plus_1_as_if_never_killed(tmp_path, monkeypatch):
+    unbroken, _, unbroken_rows = _fit(tmp_path, "unbroken", None)
+    backup = tmp_path / "backup"
+    with pytest.raises(_Killed):
+        _fit(tmp_path, "killed", backup, kill_after=2, monkeypatch=monkeypatch)
+    assert resume.latest(backup)[0] == 2
+    monkeypatch.undo()
+    resumed, summary, rows = _fit(tmp_path, "resumed", backup)
+    assert summary["resumed_after_epoch"] == 2 and summary["epochs_run"] == 5
+    assert [r["epoch"] for r in rows] == ["1", "2", "3", "4", "5"]
+    # The same computation as the unbroken run (the batch order replayed, Adam's moments and the plateau
+    # schedule's counters restored), in the same process: equal up to float32 rounding.
+    for got, want in zip(rows, unbroken_rows):
+        for key in want:
+            np.testing.assert_allclose(float(got[key]), float(want[key]), rtol=1e-5, err_msg=key)
+    for got, want in zip(resumed.get_weights(), unbroken.get_weights()):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_backup_of_a_finished_fit_is_not_trained_again(tmp_path, monkeypatch):
+    backup = tmp_path / "backup"
+    first, _, first_rows = _fit(tmp_path, "first", backup, epochs=3)
+    calls = []
+    monkeypatch.setattr("tf_keras.Model.fit", lambda *a, **k: calls.append(a))
+    again, summary, rows = _fit(tmp_path, "again", backup, epochs=3)
+    assert calls == [] and rows == first_rows and summary["resumed_after_epoch"] == 3
+    for got, want in zip(again.get_weights(), first.get_weights()):
+        np.testing.assert_array_equal(got, want)  # the best epoch's weights, read back from the same file
+
+
+def _finetune_process(world, artifacts, *overrides):
+    args = [*base_args(world, artifacts), "--set", "finetune.epochs=40", "--set", "finetune.patience=40",
+            *(a for o in overrides for a in ("--set", o)), "finetune"]
+    return args, subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _kill_after_epoch(process, epoch):
+    deadline = time.monotonic() + 240
+    for line in process.stderr:
+        if f"epoch {epoch}/40" in line:
+            os.killpg(process.pid, signal.SIGKILL)
+            break
+        assert time.monotonic() < deadline, "no epoch line in time"
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL, "the stage ended before the kill"
+
+
+def test_a_finetune_killed_mid_training_resumes_after_its_last_backed_up_epoch(world, tmp_path):
+    artifacts = tmp_path / "artifacts"
+    shutil.copytree(world["artifacts"], artifacts)
+    args, process = _finetune_process(world, artifacts)
+    _kill_after_epoch(process, 2)
+    backup, = Catalog(artifacts).backups("finetune")
+    done, folder = resume.latest(backup)
+    assert done >= 2
+    before = json.loads((folder / resume.STATE).read_text())["history"]
+
+    result = invoke(*args)
+    assert ran(result) == ["finetune"] and f"resuming training after epoch {done} of 40" in result.stderr
+    rows = list(csv.DictReader(open(artifacts / "finetune" / "history.csv")))
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 41))
+    assert [float(r["val_loss"]) for r in rows[:done]] == [r["val_loss"] for r in before]
+    assert not (artifacts / ".resume").exists()  # removed once the stage completed
+    assert ran(invoke(*args)) == []  # and the stage is fresh
+
+
+def test_a_changed_config_never_resumes_from_an_old_backup(world, tmp_path):
+    artifacts = tmp_path / "artifacts"
+    shutil.copytree(world["artifacts"], artifacts)
+    _, process = _finetune_process(world, artifacts)
+    _kill_after_epoch(process, 1)
+    old, = Catalog(artifacts).backups("finetune")
+    assert resume.latest(old) is not None
+    result = invoke(*base_args(world, artifacts), "--set", "finetune.epochs=40", "--set", "finetune.patience=40",
+                    "--set", "finetune.learning_rate=0.0003", "finetune")
+    assert ran(result) == ["finetune"] and "resuming" not in result.stderr and not old.exists()
+    rows = list(csv.DictReader(open(artifacts / "finetune" / "history.csv")))
+    assert len(rows) == 40
