@@ -32,7 +32,7 @@ def _batches(tmp_path, name, seed, shuffle):
 
 
 def _fit(tmp_path, run, backup, kill_after=None, monkeypatch=None, epochs=5):
-    """A dropout-free head (so nothing random but the batch order) fitted with Adam on the plateau schedule."""
+    """A head with dropout fitted with Adam on the plateau schedule."""
     if kill_after is not None:
         original = resume.EpochBackup.on_epoch_end
 
@@ -45,7 +45,7 @@ def _fit(tmp_path, run, backup, kill_after=None, monkeypatch=None, epochs=5):
     files = TrainFiles(tmp_path / run)
     files.root.mkdir(exist_ok=True)
     training.seed_everything(0)
-    head = models.build_head(ModelConfig(dropout=0.0), 3, 8)
+    head = models.build_head(ModelConfig(dropout=0.5), 3, 8)
     section = FinetuneConfig(epochs=epochs, batch_size=16, learning_rate=0.01, lr_patience=0, patience=epochs)
     summary = training.fit(head, _batches(tmp_path, "train", 1, True), _batches(tmp_path, "val", 2, False), section,
                            files, backup=backup)
@@ -62,8 +62,9 @@ def test_a_fit_killed_after_epoch_k_goes_on_at_k_plus_1_as_if_never_killed(tmp_p
     resumed, summary, rows = _fit(tmp_path, "resumed", backup)
     assert summary["resumed_after_epoch"] == 2 and summary["epochs_run"] == 5
     assert [r["epoch"] for r in rows] == ["1", "2", "3", "4", "5"]
-    # The same computation as the unbroken run (the batch order replayed, Adam's moments and the plateau
-    # schedule's counters restored), in the same process: equal up to float32 rounding.
+    # The same computation as the unbroken run (the batch order replayed, the epoch's dropout draws reseeded,
+    # Adam's moments and the plateau schedule's counters restored), in the same process: equal up to float32
+    # rounding.
     for got, want in zip(rows, unbroken_rows):
         for key in want:
             np.testing.assert_allclose(float(got[key]), float(want[key]), rtol=1e-5, err_msg=key)
@@ -117,6 +118,14 @@ def test_a_finetune_killed_mid_training_resumes_after_its_last_backed_up_epoch(w
     assert [float(r["val_loss"]) for r in rows[:done]] == [r["val_loss"] for r in before]
     assert not (artifacts / ".resume").exists()  # removed once the stage completed
     assert ran(invoke(*args)) == []  # and the stage is fresh
+
+    # What an unbroken run learns, epoch by epoch: the same computation, so equal up to float32 rounding.
+    unbroken = tmp_path / "unbroken"
+    shutil.copytree(world["artifacts"], unbroken)
+    invoke(*[str(unbroken) if a == str(artifacts) else a for a in args])
+    want = list(csv.DictReader(open(unbroken / "finetune" / "history.csv")))
+    for key in ("loss", "val_loss", "val_accuracy"):
+        np.testing.assert_allclose([float(r[key]) for r in rows], [float(r[key]) for r in want], rtol=1e-5, atol=1e-7)
 
 
 def test_a_changed_config_never_resumes_from_an_old_backup(world, tmp_path):

@@ -7,8 +7,17 @@ HEAD_ONLY = ("dropout", "l2")
 """The model keys that shape only the head, so the frozen backbone's outputs do not depend on them."""
 
 
-def _head_layers(model_cfg, n_classes):
+def _keras():
+    """tf_keras, with its random layers (Dropout) drawing from a tf.random.Generator each: one that training can
+    reseed per epoch (pipeline.train.training), so that a resumed run draws what an unbroken one would have."""
     import tf_keras as keras
+
+    keras.backend.experimental.enable_tf_random_generator()
+    return keras
+
+
+def _head_layers(model_cfg, n_classes):
+    keras = _keras()
 
     return [
         keras.layers.Dropout(model_cfg.dropout, name="dropout"),
@@ -23,7 +32,7 @@ def build_classifier(model_cfg, n_classes):
     A backbone ending in a feature map is pooled (GlobalAveragePooling); one ending in a vector (the small
     networks) passes it on unchanged through a layer of the same name, so every classifier has a "pool".
     """
-    import tf_keras as keras
+    keras = _keras()
 
     base = build_base(model_cfg)
     base.trainable = BACKBONES[model_cfg.backbone].from_scratch
@@ -39,7 +48,7 @@ def build_classifier(model_cfg, n_classes):
 
 def build_head(model_cfg, n_classes, feature_dim):
     """The head alone, on pooled backbone features; its layers have the classifier's head layer names."""
-    import tf_keras as keras
+    keras = _keras()
 
     inputs = keras.Input((feature_dim,), name="features")
     x = inputs
@@ -125,6 +134,6 @@ def save(model, path):
 
 def load(path):
     """Load a saved classifier (without its training configuration)."""
-    import tf_keras as keras
+    keras = _keras()
 
     return keras.models.load_model(str(path), compile=False)

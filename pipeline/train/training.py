@@ -11,6 +11,7 @@ import numpy as np
 from pipeline import fileio
 from pipeline.data import balance
 from pipeline.progress import Progress
+from pipeline.train.resume import EpochBackup
 
 log = logging.getLogger("pipeline.train.training")
 
@@ -67,6 +68,23 @@ def _callbacks():
                 self.stopped_at = epoch + 1
                 self.model.stop_training = True
 
+    class EpochSeeds(keras.callbacks.Callback):
+        """Reseed every random layer's generator (Dropout's) at the start of each epoch from (seed, epoch, layer):
+        an epoch's draws do not depend on the epochs before it, so a resumed run draws what an unbroken one would."""
+
+        def __init__(self, seed):
+            super().__init__()
+            self.seed = seed
+
+        def on_epoch_begin(self, epoch, logs=None):
+            generators = [layer._random_generator for layer in self.model.submodules
+                          if hasattr(getattr(layer, "_random_generator", None), "_maybe_init")]
+            for k, generator in enumerate(generators):
+                generator._maybe_init()
+                if generator._generator is not None:  # None: a layer built before generators were enabled
+                    state = np.random.SeedSequence([self.seed, epoch, k]).generate_state(1)[0]
+                    generator._generator.reset_from_seed(int(state))
+
     class LearningRate(keras.callbacks.Callback):
         """Record the learning rate of each epoch in the history."""
 
@@ -94,7 +112,7 @@ def _callbacks():
             shown = ", ".join(f"{k} {v:.4g}" for k, v in (logs or {}).items())
             log.info("epoch %d/%d in %.0fs: %s", epoch + 1, self.epochs, time.monotonic() - self.start, shown)
 
-    return keras, TimeBudget, LearningRate, EpochLog
+    return keras, TimeBudget, LearningRate, EpochLog, EpochSeeds
 
 
 def keras_verbose():
@@ -140,15 +158,14 @@ def fit(model, train, validation, section, files, backup=None, **fit_kwargs):
     a run killed before the end goes on at the next epoch (pipeline.train.resume); None: no backup. Returns a
     summary dict of the run.
     """
-    from pipeline.train.resume import EpochBackup
-
-    keras, TimeBudget, LearningRate, EpochLog = _callbacks()
+    keras, TimeBudget, LearningRate, EpochLog, EpochSeeds = _callbacks()
     loss = keras.losses.CategoricalCrossentropy(label_smoothing=section.label_smoothing)
     x, y = train if isinstance(train, tuple) else (train, None)
     steps_per_epoch = len(x) if y is None else math.ceil(len(x) / section.batch_size)
     model.compile(optimizer=_optimizer(keras, section, steps_per_epoch), loss=loss, metrics=["accuracy"])
     budget = TimeBudget(section.max_minutes)
     callbacks = [
+        EpochSeeds(section.seed),
         *_schedule_callbacks(keras, section),
         LearningRate(),
         keras.callbacks.ModelCheckpoint(str(files.checkpoint), monitor="val_accuracy", mode="max",
