@@ -192,6 +192,28 @@ class Runner:
                 shutil.rmtree(other, ignore_errors=True)
         return folder
 
+    # -- status -------------------------------------------------------------------------------------
+    def status(self):
+        """One row per stage: name, state, reasons, last run, duration, main outputs."""
+        rows = []
+        stale_upstream = set()
+        for stage in STAGES:
+            status = self.freshness(stage)
+            reasons = list(status.reasons) if status.state != "fresh" else []
+            if status.state == "fresh" and any(up in stale_upstream for up in stage.upstream):
+                status.state, reasons = "stale", ["upstream stale"]
+            if status.state != "fresh":
+                stale_upstream.add(stage.name)
+            m = status.manifest or {}
+            rows.append({
+                "stage": stage.name, "state": status.state, "why": ", ".join(reasons),
+                "last_run": m.get("finished", "-"), "took": _duration(m.get("duration_s")),
+                "outputs": ", ".join(k for k in m.get("outputs", {}) if "/" not in k and k not in
+                                     ("config.yaml",))[:80] or "-",
+            })
+        return rows
+
+
 
 def _make_scratch(tmp, final, artifacts):
     """Create a stage's temporary folder, having checked that the finished one will be able to replace `final`
