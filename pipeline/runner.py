@@ -214,7 +214,6 @@ class Runner:
         return rows
 
 
-
 def _make_scratch(tmp, final, artifacts):
     """Create a stage's temporary folder, having checked that the finished one will be able to replace `final`
     (moving a folder needs write access to it), so that no stage runs only to fail at the end."""

@@ -101,12 +101,19 @@ def _kill_after_epoch(process, epoch):
     assert process.returncode == -signal.SIGKILL, "the stage ended before the kill"
 
 
-def test_a_finetune_killed_mid_training_resumes_after_its_last_backed_up_epoch(world, tmp_path):
+def _killed_finetune(world, tmp_path, epoch):
+    """A copy of the world's artifacts whose 40-epoch finetune was SIGKILLed after `epoch`: (artifacts, the
+    command's arguments, the backup folder it left)."""
     artifacts = tmp_path / "artifacts"
     shutil.copytree(world["artifacts"], artifacts)
     args, process = _finetune_process(world, artifacts)
-    _kill_after_epoch(process, 2)
+    _kill_after_epoch(process, epoch)
     backup, = Catalog(artifacts).backups("finetune")
+    return artifacts, args, backup
+
+
+def test_a_finetune_killed_mid_training_resumes_after_its_last_backed_up_epoch(world, tmp_path):
+    artifacts, args, backup = _killed_finetune(world, tmp_path, 2)
     done, folder = resume.latest(backup)
     assert done >= 2
     before = json.loads((folder / resume.STATE).read_text())["history"]
@@ -129,14 +136,9 @@ def test_a_finetune_killed_mid_training_resumes_after_its_last_backed_up_epoch(w
 
 
 def test_a_changed_config_never_resumes_from_an_old_backup(world, tmp_path):
-    artifacts = tmp_path / "artifacts"
-    shutil.copytree(world["artifacts"], artifacts)
-    _, process = _finetune_process(world, artifacts)
-    _kill_after_epoch(process, 1)
-    old, = Catalog(artifacts).backups("finetune")
+    artifacts, args, old = _killed_finetune(world, tmp_path, 1)
     assert resume.latest(old) is not None
-    result = invoke(*base_args(world, artifacts), "--set", "finetune.epochs=40", "--set", "finetune.patience=40",
-                    "--set", "finetune.learning_rate=0.0003", "finetune")
+    result = invoke("--set", "finetune.learning_rate=0.0003", *args)
     assert ran(result) == ["finetune"] and "resuming" not in result.stderr and not old.exists()
     rows = list(csv.DictReader(open(artifacts / "finetune" / "history.csv")))
     assert len(rows) == 40
