@@ -75,9 +75,12 @@ class TrainFiles(StageFiles):
 
 
 class EvaluateFiles(StageFiles):
-    """evaluate: metrics, the per-image predictions, plots and a Markdown report."""
+    """evaluate: the model that ships (the fine-tuned one, its logits divided by the fitted temperature), metrics,
+    the per-image predictions, plots and a Markdown report."""
 
+    model = property(lambda self: self.root / "model.h5")
     metrics = property(lambda self: self.root / "metrics.json")
+    reliability = property(lambda self: self.root / "reliability.png")
     predictions = property(lambda self: self.root / "predictions.csv")
     confusion = property(lambda self: self.root / "confusion.png")
     worst = property(lambda self: self.root / "worst.png")

@@ -123,9 +123,13 @@ def sweep_command(grid, sample, seed, until, apply_best):
 @click.option("--format", "format_name", type=click.Choice(RUNNABLE), default="coreml", show_default=True,
               help="Which exported file answers (on Linux, Core ML files and ML Programs run in the NumPy checkers).")
 @click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True, help="Labels shown per image.")
-def predict_command(path, format_name, top_k):
-    """Print the top labels of an image, or of every image in a folder, from one exported file."""
-    return ("predict", [dict(path=path, format_name=format_name, top_k=top_k)])
+@click.option("--threshold", type=click.FloatRange(0, 1), default=None,
+              help="Say \"not sure\" when the best label's probability is below this (default: the threshold the "
+                   "evaluate stage recommended; 0: never).")
+def predict_command(path, format_name, top_k, threshold):
+    """Print the top labels of an image, or of every image in a folder, from one exported file; "not sure" below
+    the confidence threshold."""
+    return ("predict", [dict(path=path, format_name=format_name, top_k=top_k, threshold=threshold)])
 
 
 @cli.result_callback()
@@ -157,7 +161,10 @@ def _execute(ctx, results, **_):
             for item in items if kind == "predict" else []:
                 predictor = predict.load_predictor(item["format_name"], cfg, opts["artifacts"])
                 results_ = predict.top_labels(predictor, predict.image_files(item["path"]), item["top_k"])
-                click.echo(predict.format_results(results_))
+                threshold = item["threshold"]
+                if threshold is None:
+                    threshold = predict.recommended_threshold(item["format_name"], cfg, opts["artifacts"])
+                click.echo(predict.format_results(results_, threshold))
     except PipelineError as exc:
         click.echo(error_text(exc, _terminal_width(sys.stderr)), err=True)
         sys.exit(1)

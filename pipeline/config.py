@@ -282,14 +282,26 @@ class EvaluateConfig:
         does (centerCrop, scaleFill, scaleFit; two more passes over the test split), for the report's "Using the
         model in your app" and the option the Core ML input's description recommends.
     worst_count: how many confidently wrong predictions to list and show.
+    calibrate: fit a temperature T on the validation split (minimising its negative log-likelihood) and divide
+        the model's logits by it, in the model itself, so that every exported file's probabilities carry it;
+        false keeps the fine-tuned model's probabilities (T = 1).
+    keep_correct: the "none of these" threshold recommended for apps is the highest confidence that keeps this
+        share of the validation images the model gets right; null: recommend none.
+    unknown_data: a folder or .zip/.tar.gz archive of photos that show none of the classes; the report gives the
+        share of them each confidence threshold rejects. null: none.
     """
 
     tta_flip: bool = True
     vision_options: bool = True
     worst_count: int = 16
     batch_size: int = 64
+    calibrate: bool = True
+    keep_correct: float | None = 0.95
+    unknown_data: str | None = None
 
     def validate(self):
+        _check("evaluate.keep_correct", self.keep_correct,
+               self.keep_correct is None or 0 < self.keep_correct <= 1, "null or a number in (0, 1]")
         _check("evaluate.worst_count", self.worst_count, 0 <= self.worst_count <= 100, "an integer in [0, 100]")
         _check("evaluate.batch_size", self.batch_size, self.batch_size >= 1, "a positive integer")
 

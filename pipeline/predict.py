@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import fileio
 from pipeline.catalog import Catalog
 from pipeline.data.images import BadImage, is_image_name, load_array
 from pipeline.errors import PipelineError
@@ -32,6 +33,18 @@ def image_files(path):
     return found
 
 
+def recommended_threshold(format_name, cfg, artifacts):
+    """The "none of these" threshold the files of `format_name` were measured with: the export stage's (export.json),
+    or for the Keras model the evaluate stage's (metrics.json); None if there is none or the file is unreadable."""
+    catalog = Catalog(artifacts)
+    try:
+        if format_name == KERAS:
+            return fileio.read_json(catalog.stage("evaluate").metrics).get("confidence", {}).get("threshold")
+        return fileio.read_json(catalog.stage("export").checks).get("confidence", {}).get("confidence_threshold")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def load_predictor(format_name, cfg, artifacts):
     """A Predictor for the exported file of `format_name` in the artifacts folder (or the Keras model).
 
@@ -40,8 +53,8 @@ def load_predictor(format_name, cfg, artifacts):
     catalog = Catalog(artifacts)
     ingest, export = catalog.stage("ingest"), catalog.stage("export")
     if format_name == KERAS:
-        model_path = catalog.stage("finetune").model
-        _require(model_path, "finetune")
+        model_path = catalog.stage("evaluate").model  # the fine-tuned model, calibrated: the one that ships
+        _require(model_path, "evaluate")
         return keras_predictor(models.load(model_path), model_meta(cfg.model, ingest.read_classes()))
     fmt = FORMATS[format_name]
     path = export.model(cfg.export.name, format_name)
@@ -73,6 +86,13 @@ def top_labels(predictor, paths, top_k):
     return results
 
 
-def format_results(results):
-    """One line per image: its path, then label (probability) pairs."""
-    return "\n".join(f"{path}: " + ", ".join(f"{label} {p:.3f}" for label, p in labels) for path, labels in results)
+def format_results(results, threshold=None):
+    """One line per image: its path, then label (probability) pairs; below `threshold` (the best probability under
+    it), "not sure" and the best guesses."""
+    lines = []
+    for path, labels in results:
+        guesses = ", ".join(f"{label} {p:.3f}" for label, p in labels)
+        unsure = threshold is not None and labels and labels[0][1] < threshold
+        lines.append(f"{path}: not sure (below {threshold:.3f}; best guesses: {guesses})" if unsure
+                     else f"{path}: {guesses}")
+    return "\n".join(lines)

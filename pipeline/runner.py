@@ -69,8 +69,8 @@ class Runner:
     # -- keys and manifests -------------------------------------------------------------------------
     def key(self, stage):
         """The parts of a stage's cache key: config, code and inputs digests."""
-        external = (importlib.import_module(stage.module).fingerprint(self.cfg, self.catalog.sources)
-                    if stage.external else None)  # only ingest's module: the others import TensorFlow
+        external = (importlib.import_module(stage.external).fingerprint(self.cfg, self.catalog.sources)
+                    if stage.external else None)
         upstream = {}
         for name in stage.upstream:
             manifest = self.manifest(name)

@@ -114,13 +114,34 @@ def base_args(world, artifacts=None, config=SMOKE_CONFIG):
 
 
 @pytest.fixture(scope="session")
-def world(tmp_path_factory):
-    """One full smoke run of every stage on a tiny dataset, shared by the end-to-end tests (copy before changing)."""
+def world(tmp_path_factory, worker_id):
+    """One full smoke run of every stage on a tiny dataset, shared by the end-to-end tests (copy before changing).
+
+    Built once per test session: under pytest-xdist the first worker to need it builds it in the folder the
+    workers share (the others wait for it), and each worker works on its own copy of the artifacts. "first" is
+    that run's result (exit_code, stdout, stderr).
+    """
+    import fcntl
+    import json
+    import shutil
+    from types import SimpleNamespace
+
+    shared = tmp_path_factory.getbasetemp()
+    shared = shared if worker_id == "master" else shared.parent
+    built = shared / "e2e-world"
+    with open(shared / "e2e-world.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not (built / "first.json").is_file():
+            shutil.rmtree(built, ignore_errors=True)
+            data = make_split_dataset(built / "shapes")
+            first = invoke("--config", str(SMOKE_CONFIG), "--data", str(data), "--artifacts",
+                           str(built / "artifacts"), "all")
+            (built / "first.json").write_text(json.dumps(
+                {"exit_code": first.exit_code, "stdout": first.stdout, "stderr": first.stderr}), encoding="utf-8")
     root = tmp_path_factory.mktemp("e2e")
-    data = make_split_dataset(root / "shapes")
-    artifacts = root / "artifacts"
-    first = invoke("--config", str(SMOKE_CONFIG), "--data", str(data), "--artifacts", str(artifacts), "all")
-    return {"root": root, "data": data, "artifacts": artifacts, "first": first}
+    shutil.copytree(built / "artifacts", root / "artifacts")
+    first = SimpleNamespace(**json.loads((built / "first.json").read_text(encoding="utf-8")))
+    return {"root": root, "data": built / "shapes", "artifacts": root / "artifacts", "first": first}
 
 
 def exif_jpeg(path, image, orientation):

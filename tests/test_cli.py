@@ -76,6 +76,14 @@ def test_label_order_is_the_same_everywhere(world):
     assert json.loads(props["labels"]) == classes
     spec = coreml.read_spec(export / "MultiSnacks.mlmodel")
     assert list(spec.neuralNetworkClassifier.stringClassLabels.vector) == classes
+    # the confidence the files were measured with: the same in both formats' metadata and export.json
+    confidence = json.loads((export / "export.json").read_text(encoding="utf-8"))["confidence"]
+    assert set(confidence) == {"temperature", "confidence_threshold", "confidence_threshold_rule"}
+    core_ml = spec.description.metadata.userDefined
+    for key, value in confidence.items():
+        assert props[key] == core_ml[key] == str(value)
+    probability = next(o for o in spec.description.output if o.name == "labelProbability")
+    assert f"below {confidence['confidence_threshold']:.3f}, show" in probability.shortDescription
     model = models.load(world["artifacts"] / "finetune" / "model.h5")
     assert model.output_shape[-1] == len(classes)
     metrics = json.loads((world["artifacts"] / "evaluate" / "metrics.json").read_text(encoding="utf-8"))

@@ -103,3 +103,37 @@ def test_dataset_section_lists_twenty_warnings_and_counts_the_rest():
     lines = dataset_section(report, "../ingest/ingest_report.json")
     assert [line for line in lines if line.startswith("- ")] == [
         *(f"- {w}" for w in warnings[:20]), "- and 3 more in [ingest_report.json](../ingest/ingest_report.json)"]
+
+
+def test_calibrated_model_is_the_fine_tuned_one_with_its_logits_divided(world, tmp_path):
+    import json
+
+    from scipy.special import softmax
+
+    from pipeline.train import models
+
+    unknown = tmp_path / "unknown"
+    unknown.mkdir()
+    from conftest import shape_image
+
+    shape_image("circle", 7).save(unknown / "a.png")
+    (unknown / "damaged.jpg").write_bytes(b"\xff\xd8 not a photo")
+    catalog = Catalog(world["artifacts"])
+    inputs = {name: catalog.stage(name) for name in ("ingest", "augment", "train-head", "finetune")}
+    out = Catalog(tmp_path / "artifacts").stage("evaluate", tmp_path / "out")
+    cfg = config.load(SMOKE_CONFIG, overrides=["evaluate.calibrate=true", f"evaluate.unknown_data={unknown}"])
+    summary = evaluate.run(StageContext(cfg, inputs, out, sources_dir=tmp_path / "sources"))
+    metrics = json.loads(out.metrics.read_text())
+    t = metrics["confidence"]["temperature"]
+    assert metrics["confidence"]["calibrated"] and summary["temperature"] == t and t != 1.0
+    assert metrics["confidence"]["unknown"] | {"auroc": None} == {
+        "source": str(unknown), "images": 1, "unreadable": 1, "auroc": None,
+        "rejected": metrics["confidence"]["unknown"]["rejected"]}
+    pixels = np.random.default_rng(0).uniform(-1, 1, (5, 32, 32, 3)).astype(np.float32)
+    logits, _ = models.logits_and_probabilities(models.load(inputs["finetune"].model)).predict(pixels, verbose=0)
+    shipped = models.load(out.model).predict(pixels, verbose=0)
+    np.testing.assert_allclose(shipped, softmax(logits.astype(np.float64) / t, axis=1), rtol=1e-5, atol=1e-7)
+    report = out.report.read_text()
+    assert "## Confidence" in report and "![reliability diagram](reliability.png)" in report
+    assert out.reliability.stat().st_size > 0
+    assert f"best.confidence < {metrics['confidence']['threshold']:.4f}" in report

@@ -248,3 +248,22 @@ def test_a_file_core_ml_itself_cannot_read_is_a_damaged_file_too(tmp_path, monke
     with pytest.raises(DamagedFile) as error:
         coreml_runtime.load(path, LABELS)
     assert_names_file_reason_and_fix(str(error.value), path, "Error reading protobuf spec. validator error")
+
+
+def test_confidence_metadata_from_evaluates_metrics():
+    confidence = {"temperature": 1.23456789, "threshold": 0.61234567, "keep_correct": 0.95}
+    meta = export.confidence_metadata({"confidence": confidence})
+    assert meta["temperature"] == 1.234568 and meta["confidence_threshold"] == 0.612346
+    assert "keeps 95% of the validation images the model gets right" in meta["confidence_threshold_rule"]
+    assert export.confidence_metadata({"confidence": {**confidence, "threshold": None}}) == {"temperature": 1.234568}
+    assert export.confidence_metadata({}) == {}  # an evaluate stage from before calibration
+
+
+def test_the_probability_outputs_note_gives_the_calibration_and_the_threshold():
+    confidence = {"calibrated": True, "temperature": 1.5, "threshold": 0.612, "keep_correct": 0.95}
+    assert export.output_note({"confidence": confidence}) == (
+        "Calibrated on the validation photos (temperature 1.500); when the top class's probability is below 0.612, "
+        'show "not sure" (keeps 95% of correct answers).')
+    assert export.output_note({"confidence": {**confidence, "calibrated": False, "threshold": None}}) == (
+        "Not calibrated.")
+    assert export.output_note({}) == ""

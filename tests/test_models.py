@@ -96,3 +96,16 @@ def test_small_networks_train_whole_and_are_what_their_definitions_say(backbone,
 def test_pretrained_backbones_stay_frozen():
     model = models.build_classifier(ModelConfig(backbone="mobilenet", alpha=0.25, image_size=32, weights=None), 3)
     assert not models.backbone_of(model).trainable
+
+
+def test_logits_are_the_dense_layers_output_and_divided_logits_soften_the_softmax():
+    from scipy.special import softmax
+
+    classifier = models.build_classifier(CFG, 3)  # its own: the module's is shared
+    classifier.get_layer("logits").set_weights([w * 40 for w in classifier.get_layer("logits").get_weights()])
+    pixels = np.random.default_rng(0).uniform(-1, 1, (4, *classifier.input_shape[1:])).astype(np.float32)
+    logits, probabilities = models.logits_and_probabilities(classifier).predict(pixels, verbose=0)
+    np.testing.assert_allclose(probabilities, softmax(logits, axis=1), rtol=1e-5, atol=1e-7)
+    models.divide_logits(classifier, 2.5)
+    np.testing.assert_allclose(classifier.predict(pixels, verbose=0), softmax(logits.astype(np.float64) / 2.5, axis=1),
+                               rtol=1e-5, atol=1e-7)

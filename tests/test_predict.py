@@ -23,7 +23,8 @@ def test_predict_prints_top_k_labels_for_each_format(world):
     image = a_test_image(world)
     answers = {}
     for name in ("coreml", "onnx", "tflite", "keras", "coreml-int8", "coreml-mlprogram", "coreml-mlprogram-fp32"):
-        result = invoke(*base_args(world), "predict", str(image), "--format", name, "--top-k", "2")
+        # --threshold 0: labels only, never "not sure" (the smoke model is unsure of everything)
+        result = invoke(*base_args(world), "predict", str(image), "--format", name, "--top-k", "2", "--threshold", "0")
         assert result.exit_code == 0, result.stderr
         (line,) = result.stdout.splitlines()
         match = LINE.match(line)
@@ -133,3 +134,30 @@ def test_verify_with_damaged_exports_fails_with_a_row_naming_each_one(world, tmp
         assert f"FAILED: damaged file; {path}: cannot read this" in rows[title] and "export --force" in rows[title]
     assert "FAILED" not in rows["TFLite"]  # the whole files are still measured
     assert "Core ML: FAILED" in result.stderr and "ONNX: FAILED" in result.stderr and line.startswith("error: ")
+
+
+def test_below_the_threshold_an_answer_is_not_sure_with_the_best_guesses():
+    results = [("a.jpg", [("circle", 0.9), ("étoile", 0.1)]), ("b.jpg", [("circle", 0.5), ("étoile", 0.4)])]
+    assert predict.format_results(results, 0.6).splitlines() == [
+        "a.jpg: circle 0.900, étoile 0.100", "b.jpg: not sure (below 0.600; best guesses: circle 0.500, étoile 0.400)"]
+    assert "not sure" not in predict.format_results(results)
+    assert "not sure" not in predict.format_results(results, 0.0)
+
+
+def test_predict_uses_the_recommended_threshold_unless_told_otherwise(world):
+    image = a_test_image(world)
+    recorded = json.loads((world["artifacts"] / "export" / "export.json").read_text())["confidence"]
+    threshold = recorded["confidence_threshold"]
+    evaluated = json.loads((world["artifacts"] / "evaluate" / "metrics.json").read_text())["confidence"]["threshold"]
+    assert threshold == pytest.approx(evaluated, abs=1e-6)
+    cfg = config.load(SMOKE_CONFIG)
+    assert predict.recommended_threshold("onnx", cfg, world["artifacts"]) == threshold
+    assert predict.recommended_threshold("keras", cfg, world["artifacts"]) == evaluated
+    result = invoke(*base_args(world), "predict", str(image), "--format", "onnx", "--threshold", "1")
+    assert result.exit_code == 0 and result.stdout.startswith(f"{image}: not sure (below 1.000; best guesses: ")
+    result = invoke(*base_args(world), "predict", str(image), "--format", "onnx")
+    [(_, labels)] = predict.top_labels(predict.load_predictor("onnx", cfg, world["artifacts"]), [image], 3)
+    assert result.stdout.strip() == predict.format_results([(image, labels)], threshold)
+    assert ("not sure" in result.stdout) == (labels[0][1] < threshold)
+    result = invoke(*base_args(world), "predict", str(image), "--format", "onnx", "--threshold", "1.5")
+    assert result.exit_code != 0 and "--threshold" in result.stderr

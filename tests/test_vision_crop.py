@@ -251,3 +251,13 @@ def test_swift_snippet_unfenced_and_bad_class_name():
 def test_crop_option_is_a_dataclass_row():
     row = CropOption("x", ".a", ".b", False, False, "s")
     assert (row.name, row.vision, row.coreml_request) == ("x", ".a", ".b")
+
+
+def test_swift_snippet_with_a_threshold_says_not_sure_below_it_in_both_apis():
+    text = swift_snippet("MultiSnacks", "scale_fill", threshold=0.61234)
+    assert text.count("if best.confidence < 0.6123 {") == 2
+    assert text.count('print("not sure; best guess:", best.identifier, best.confidence)') == 2
+    assert text.count("{") == text.count("}")  # balanced braces, as Swift needs
+    assert "not sure" not in swift_snippet("MultiSnacks", "scale_fill")
+    with pytest.raises(ValueError, match="threshold must be a confidence in"):
+        swift_snippet("MultiSnacks", "scale_fill", threshold=1.5)

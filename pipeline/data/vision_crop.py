@@ -165,12 +165,13 @@ def load_as(path, size, option):
     return arrange(images.load_rgb(path), size, option)
 
 
-def swift_snippet(model_class, option, fence=True):
+def swift_snippet(model_class, option, fence=True, threshold=None):
     """Swift lines that classify a CGImage `cgImage` with `option`, for both Vision APIs, for a Markdown report.
 
     First `VNCoreMLRequest` (iOS 11+, `request.imageCropAndScaleOption`), then the iOS 18 `CoreMLRequest`
     (`cropAndScaleAction`). `model_class` is the class Xcode generates for the model (e.g. "MultiSnacks").
-    With `fence` the code is wrapped in a ```swift block.
+    With `threshold` (a confidence in (0, 1]), a best class below it is shown as "not sure". With `fence` the
+    code is wrapped in a ```swift block.
     """
     option = get_option(option)
     if not isinstance(model_class, str) or not _SWIFT_IDENTIFIER.match(model_class):
@@ -187,7 +188,7 @@ def swift_snippet(model_class, option, fence=True):
         "let request = VNCoreMLRequest(model: visionModel) { request, _ in",
         "    let results = request.results as? [VNClassificationObservation] ?? []",
         "    if let best = results.max(by: { $0.confidence < $1.confidence }) {",
-        "        print(best.identifier, best.confidence)",
+        *_show_best(threshold, "        "),
         "    }",
         "}",
         f"request.imageCropAndScaleOption = {option.vision}",
@@ -201,7 +202,7 @@ def swift_snippet(model_class, option, fence=True):
         "let observations = try await coreMLRequest.perform(on: cgImage)",
         "let classifications = observations.compactMap { $0 as? ClassificationObservation }",
         "if let best = classifications.max(by: { $0.confidence < $1.confidence }) {",
-        "    print(best.identifier, best.confidence)",
+        *_show_best(threshold, "    "),
         "}",
     ]
     code = "\n".join(lines) + "\n"
@@ -226,3 +227,16 @@ def recommend(accuracies):
     best = max(scores.values())
     tied = [name for name in NAMES if name in scores and math.isclose(scores[name], best, rel_tol=0, abs_tol=1e-12)]
     return TRAINING_OPTION if TRAINING_OPTION in tied else tied[0]
+
+
+def _show_best(threshold, indent):
+    """The Swift lines that show the best class, or "not sure" below `threshold` (if any)."""
+    if threshold is None:
+        return [f"{indent}print(best.identifier, best.confidence)"]
+    if not 0 < threshold <= 1:
+        raise ValueError(f"threshold must be a confidence in (0, 1], not {threshold!r}")
+    return [f"{indent}if best.confidence < {threshold:.4f} {{  // the model's \"none of these\" threshold",
+            f"{indent}    print(\"not sure; best guess:\", best.identifier, best.confidence)",
+            f"{indent}}} else {{",
+            f"{indent}    print(best.identifier, best.confidence)",
+            f"{indent}}}"]

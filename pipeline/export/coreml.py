@@ -52,8 +52,8 @@ def describe(spec, meta):
     description.input[0].shortDescription = (f"A photo, {meta.image_size}x{meta.image_size} RGB. "
                                              + (meta.input_note or "Vision scales and crops it to fit."))
     for output in description.output:
-        output.shortDescription = {PROBABILITIES: "Probability of each class",
-                                   LABEL: "The most likely class"}[output.name]
+        output.shortDescription = {PROBABILITIES: "Probability of each class" + (
+            f". {meta.output_note}" if meta.output_note else ""), LABEL: "The most likely class"}[output.name]
     user = description.metadata.userDefined
     user["com.apple.coreml.model.preview.type"] = "imageClassifier"
     for key, value in meta.user.items():

@@ -14,6 +14,8 @@ class ExportMeta:
 
     scale, bias: the preprocessing `x * scale + bias` on 0-255 RGB pixels; bias is (red, green, blue).
     input_note: how an app should feed the image input (Vision's crop-and-scale option), for its description.
+    output_note: what the class probabilities are and when to trust them (calibration, the "none of these"
+        threshold), for the probability output's description.
     """
 
     labels: list
@@ -26,6 +28,7 @@ class ExportMeta:
     version: str
     user: dict = field(default_factory=dict)
     input_note: str = ""
+    output_note: str = ""
 
     def preprocessing(self):
         """The input contract as strings, for formats with free-form metadata (bias: a JSON [red, green, blue])."""

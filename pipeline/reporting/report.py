@@ -77,6 +77,33 @@ def plot_confusion(matrix, classes, path):
     _save(fig, path)
 
 
+def plot_reliability(curves, path):
+    """A reliability diagram: each curve's accuracy against mean confidence per confidence bin (the diagonal is
+    perfect calibration), and below it the share of images in each bin. `curves`: {label: bins}, bins as
+    pipeline.confidence.calibration.reliability_bins gives them."""
+    plt = _pyplot()
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    top.plot([0, 1], [0, 1], ":", color="gray", label="perfect calibration")
+    for i, (label, bins) in enumerate(curves.items()):
+        full = [b for b in bins if b["count"]]
+        top.plot([b["confidence"] for b in full], [b["accuracy"] for b in full], "-" + "os^D"[i % 4],
+                 markersize=4, label=label)
+        total = sum(b["count"] for b in bins) or 1
+        width = (bins[0]["high"] - bins[0]["low"]) / len(curves) if bins else 0
+        bottom.bar([b["low"] + (i + 0.5) * width for b in bins], [b["count"] / total for b in bins], width=width,
+                   label=label)
+    top.set_ylabel("accuracy")
+    top.set_title("Reliability (test split)")
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1.02)
+    top.grid(alpha=0.3)
+    top.legend(loc="upper left")
+    bottom.set_xlabel("confidence (largest class probability)")
+    bottom.set_ylabel("share of images")
+    bottom.grid(alpha=0.3)
+    _save(fig, path)
+
+
 def plot_grid(images, titles, path, columns=4):
     """A grid of uint8 images with a title under each (augment previews, worst predictions)."""
     plt = _pyplot()

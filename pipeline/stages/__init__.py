@@ -17,8 +17,9 @@ class Stage:
     dynamic_imports: modules it imports by name at run time, which reading its imports cannot find. The
         source of its module and of every package module these import, directly or not, is part of its cache
         key (pipeline.code_deps).
-    external: the module's `fingerprint(cfg, sources_dir)` describes inputs from outside the artifacts (the dataset;
-        sources_dir: where the artifacts keep unpacked archives).
+    external: a module whose `fingerprint(cfg, sources_dir)` describes the stage's inputs from outside the artifacts
+        (the dataset, the unknown photos; sources_dir: where the artifacts keep unpacked archives), or None. A
+        module that does not import TensorFlow: every run computes the key.
     store_only: config sections the stage reads only to choose what else it computes into the feature store for
         a later stage (whose own key holds them); its outputs do not depend on them, so its key does not either.
     """
@@ -28,7 +29,7 @@ class Stage:
     sections: tuple
     upstream: tuple
     help: str
-    external: bool = False
+    external: str | None = None
     dynamic_imports: tuple = ()
     store_only: tuple = ()
 
@@ -43,18 +44,21 @@ class Stage:
 STAGES = (
     Stage("ingest", "pipeline.stages.ingest", ("data", "ingest"), (),
           "Scan and check the labelled image folder; write the class list, the image index and counts.",
-          external=True),
+          external="pipeline.stages.ingest"),
     Stage("augment", "pipeline.stages.augment", ("augment", "model.backbone", "model.image_size"), ("ingest",),
           "Resolve the ImageDataGenerator settings and draw a preview grid of augmented training images."),
     Stage("train-head", "pipeline.stages.train_head", ("model", "train_head"), ("ingest", "augment"),
           "Train a new classification head on the frozen ImageNet backbone.", store_only=("finetune",)),
     Stage("finetune", "pipeline.stages.finetune", ("model", "finetune"), ("ingest", "augment", "train-head"),
           "Unfreeze the backbone (whole or from a cut point on) and fine-tune at a lower learning rate."),
-    Stage("evaluate", "pipeline.stages.evaluate", ("model", "evaluate", "export.name"),
+    Stage("evaluate", "pipeline.stages.evaluate",
+          ("model", "evaluate", "export.name", "ingest.max_archive_gb", "ingest.max_compression_ratio"),
           ("ingest", "augment", "train-head", "finetune"),
-          "Measure the model on the test split: accuracy, per-class report, confusion matrix, worst predictions."),
+          "Measure the model on the test split (accuracy, per-class report, confusion matrix, worst predictions); "
+          "calibrate its confidence and recommend a \"none of these\" threshold.",
+          external="pipeline.confidence.unknown"),
     Stage("export", "pipeline.stages.export", ("model", "train_head", "finetune", "export"),
-          ("ingest", "augment", "finetune", "evaluate"),
+          ("ingest", "augment", "evaluate"),
           "Convert the model to Core ML (and its variants), ONNX and TFLite, and measure each against Keras.",
           dynamic_imports=tuple(sorted({f.module for f in FORMATS.values()}))),
 )

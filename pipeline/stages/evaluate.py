@@ -1,20 +1,27 @@
-"""Stage 5, evaluate: the fine-tuned model on the test split, with per-class figures and the worst mistakes."""
+"""Stage 5, evaluate: the fine-tuned model on the test split, with per-class figures and the worst mistakes; its
+confidence calibrated on the validation split (the model that ships) and a "none of these" threshold."""
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import numpy as np
+from PIL import Image
 
 from pipeline import fileio
 from pipeline.backbones import scale_bias
+from pipeline.confidence import unknown
+from pipeline.confidence.calibration import softmax
+from pipeline.confidence.measures import measure
 from pipeline.data import vision_crop
 from pipeline.data.augmentation import split_batches
-from pipeline.data.images import load_array
+from pipeline.data.images import BadImage, load_array
 from pipeline.data.labels import class_indices
 from pipeline.errors import DataError
 from pipeline.progress import Progress
 from pipeline.reporting import html_report
-from pipeline.reporting.report import dataset_section, plot_confusion, plot_grid
+from pipeline.reporting.confidence import confidence_section
+from pipeline.reporting.report import dataset_section, plot_confusion, plot_grid, plot_reliability
 from pipeline.train import models
 from pipeline.train.training import keras_verbose
 
@@ -22,7 +29,8 @@ log = logging.getLogger("pipeline.evaluate")
 
 
 def predict(model, ingest_files, augment_files, split, size, batch_size, flip=False):
-    """Class probabilities of every image of a split, in index order."""
+    """The model's outputs for every image of a split, in index order (a list of arrays for a model with several
+    outputs)."""
     batches = split_batches(ingest_files, augment_files, split, size, batch_size, flip=flip)
     log.info("predicting %d %s images%s", len(batches.paths), split, " (mirrored)" if flip else "")
     return model.predict(batches, verbose=keras_verbose())
@@ -53,6 +61,35 @@ def vision_accuracies(model, rows, labels, size, settings, batch_size, scale_fil
     return accuracies
 
 
+def unknown_logits(model, cfg, sources_dir, settings):
+    """The logits (N, C) of the photos of evaluate.unknown_data under `model` (a logits_and_probabilities model),
+    and the paths of those that could not be read (skipped, each with a warning)."""
+    # an archive is unpacked within the limits a dataset archive is
+    limits = SimpleNamespace(max_archive_gb=cfg.ingest.max_archive_gb,
+                             max_compression_ratio=cfg.ingest.max_compression_ratio)
+    paths = unknown.image_paths(cfg.evaluate.unknown_data, sources_dir, limits)
+    size, batch_size = cfg.model.image_size, cfg.evaluate.batch_size
+    progress = Progress("unknown photos", len(paths), "images")
+    parts, unreadable = [], []
+    for start in range(0, len(paths), batch_size):
+        pixels = []
+        for path in paths[start:start + batch_size]:
+            try:
+                pixels.append(load_array(path, size))
+            except (BadImage, OSError, ValueError, Image.DecompressionBombError) as exc:
+                log.warning("%s: skipped, not an image this tool can read (%s)", path, exc)
+                unreadable.append(str(path))
+        if pixels:
+            inputs = scale_bias(np.stack(pixels).astype(np.float32), settings["input_scale"], settings["input_bias"])
+            parts.append(model(inputs, training=False)[0].numpy())
+        progress.advance(len(paths[start:start + batch_size]))
+    progress.close()
+    if not parts:
+        raise DataError(f"{unknown.KEY} '{cfg.evaluate.unknown_data}': none of its {len(paths)} image files could be "
+                        "read; give JPEG/PNG photos that show none of the classes, or set it to null")
+    return np.concatenate(parts), unreadable
+
+
 def metrics(labels, probabilities, classes):
     """Accuracy, per-class report, macro and weighted F1 and the confusion matrix."""
     from sklearn.metrics import classification_report, confusion_matrix, f1_score
@@ -71,7 +108,8 @@ def metrics(labels, probabilities, classes):
 
 
 def run(ctx):
-    """Write metrics.json, predictions.csv, confusion.png, worst.png, report.md and report.html."""
+    """Write model.h5 (the fine-tuned model, calibrated), metrics.json, predictions.csv, confusion.png,
+    reliability.png, worst.png, report.md and report.html."""
     cfg, out = ctx.cfg, ctx.out
     ingest = ctx.inputs["ingest"]
     classes = ingest.read_classes()
@@ -80,25 +118,33 @@ def run(ctx):
         raise DataError(f"the test split in {ingest.index} is empty: add images to the dataset's test/ folder, "
                         "or remove test/ so that ingest takes ingest.test_ratio of the training images")
     model = models.load(ctx.inputs["finetune"].model)
+    both = models.logits_and_probabilities(model)
     size, batch = cfg.model.image_size, cfg.evaluate.batch_size
     augment = ctx.inputs["augment"]
-    probs = predict(model, ingest, augment, "test", size, batch)
+    settings = fileio.read_json(augment.settings)
+    logits, probs = predict(both, ingest, augment, "test", size, batch)
     labels = class_indices(rows, classes)
     result = metrics(labels, probs, classes)
     if cfg.evaluate.tta_flip:
-        flipped = predict(model, ingest, augment, "test", size, batch, flip=True)
+        _, flipped = predict(both, ingest, augment, "test", size, batch, flip=True)
         tta = metrics(labels, (probs + flipped) / 2, classes)
         result["tta_flip"] = {k: tta[k] for k in ("accuracy", "macro_f1", "weighted_f1")}
     if cfg.evaluate.vision_options:
-        settings = fileio.read_json(augment.settings)
         result["vision_options"] = vision_accuracies(model, rows, labels, size, settings, batch, probs)
         result["recommended_crop"] = vision_crop.recommend(result["vision_options"])
+    result["confidence"] = _confidence(ctx, both, settings, logits, labels, classes)
+    temperature = result["confidence"]["temperature"]
+    models.divide_logits(model, temperature)
+    models.save(model, out.model)
+    probs = softmax(logits, temperature)  # what the saved model says: the report's confidences are these
     predicted = probs.argmax(axis=1)
     weakest = sorted(classes, key=lambda c: result["per_class"][c]["f1-score"])[:3]
     result.update({"test_images": len(rows), "weakest_classes": weakest})
     fileio.write_json(out.metrics, result)
     _write_predictions(out.predictions, rows, classes, labels, probs, predicted)
     plot_confusion(np.array(result["confusion"]), classes, out.confusion)
+    plot_reliability({"before calibration": result["confidence"]["test_before"]["bins"],
+                      f"after (T = {temperature:.3f})": result["confidence"]["test_after"]["bins"]}, out.reliability)
     wrong = np.flatnonzero(predicted != labels)
     worst = wrong[np.argsort(-probs[wrong, predicted[wrong]])][:cfg.evaluate.worst_count]
     if len(worst):
@@ -107,7 +153,7 @@ def run(ctx):
                   out.worst)
     text = _report(ctx, result, classes, rows, worst, probs, predicted)
     fileio.write_text(out.report, text)
-    images = {out.confusion.name: out.confusion, out.worst.name: out.worst}
+    images = {out.confusion.name: out.confusion, out.worst.name: out.worst, out.reliability.name: out.reliability}
     images.update({f"../{stage}/{ctx.inputs[stage].curves.name}": ctx.inputs[stage].curves
                    for stage in ("train-head", "finetune") if stage in ctx.inputs})
     fileio.write_text(out.report_html, html_report.render(text, images, f"{cfg.export.name} evaluation"))
@@ -115,8 +161,40 @@ def run(ctx):
     crop_text = ("; fed as Vision's " + ", ".join(f"{name} {acc:.3f}" for name, acc in result["vision_options"].items())
                  if "vision_options" in result else "")
     return {"message": f"test accuracy {result['accuracy']:.3f}{tta_text}, macro F1 {result['macro_f1']:.3f} "
-                       f"on {len(rows)} images{crop_text}", "accuracy": result["accuracy"], "macro_f1": result["macro_f1"],
-            "tta_accuracy": result.get("tta_flip", {}).get("accuracy")}
+                       f"on {len(rows)} images{crop_text}; {_confidence_text(result['confidence'])}",
+            "accuracy": result["accuracy"], "macro_f1": result["macro_f1"],
+            "tta_accuracy": result.get("tta_flip", {}).get("accuracy"),
+            "temperature": temperature, "threshold": result["confidence"]["threshold"]}
+
+
+def _confidence(ctx, both, settings, test_logits, test_labels, classes):
+    """pipeline.confidence.measures.measure from the validation split's logits (and the unknown photos', if any)."""
+    cfg, ingest = ctx.cfg, ctx.inputs["ingest"]
+    size, batch = cfg.model.image_size, cfg.evaluate.batch_size
+    val_rows = ingest.read_index("val")
+    n_classes = len(classes)
+    val_logits = (predict(both, ingest, ctx.inputs["augment"], "val", size, batch)[0] if val_rows
+                  else np.zeros((0, n_classes), np.float32))
+    if not val_rows:
+        log.warning("the validation split is empty: the confidence is not calibrated and no \"none of these\" "
+                    "threshold is recommended (give the dataset a val/ folder, or set ingest.val_ratio above 0)")
+    photos = None
+    if cfg.evaluate.unknown_data is not None:
+        photo_logits, unreadable = unknown_logits(both, cfg, ctx.sources_dir, settings)
+        photos = {"logits": photo_logits, "source": cfg.evaluate.unknown_data, "unreadable": unreadable}
+    return measure(cfg.evaluate, val_logits, class_indices(val_rows, classes), test_logits, test_labels,
+                               photos)
+
+
+def _confidence_text(confidence):
+    before, after = confidence["test_before"], confidence["test_after"]
+    text = (f"temperature {confidence['temperature']:.3f} (test ECE {before['ece']:.3f} -> {after['ece']:.3f}, "
+            f"NLL {before['nll']:.3f} -> {after['nll']:.3f})")
+    if confidence["threshold"] is not None:
+        text += f", \"none of these\" threshold {confidence['threshold']:.3f}"
+        if "rejected" in confidence.get("unknown", {}):
+            text += f" rejecting {confidence['unknown']['rejected']:.1%} of the unknown photos"
+    return text
 
 
 def _write_predictions(path, rows, classes, labels, probs, predicted):
@@ -147,8 +225,10 @@ def _report(ctx, result, classes, rows, worst, probs, predicted):
         for i in worst:
             lines.append(f"| {rows[i]['path']} | {rows[i]['label']} | {classes[predicted[i]]} | "
                          f"{probs[i, predicted[i]]:.3f} |")
+    lines += ["", *confidence_section(result["confidence"], ctx.out.reliability.name)]
     if "vision_options" in result:
-        lines += ["", *app_section(ctx.cfg, result["vision_options"], result["recommended_crop"])]
+        lines += ["", *app_section(ctx.cfg, result["vision_options"], result["recommended_crop"],
+                                   result["confidence"]["threshold"])]
     lines += ["", "## Training curves", ""]
     for stage in ("train-head", "finetune"):
         if stage in ctx.inputs:
@@ -161,9 +241,9 @@ def _dataset_lines(ingest):
     return dataset_section(fileio.read_json(ingest.report), f"../{ingest.root.name}/{ingest.report.name}")
 
 
-def app_section(cfg, accuracies, recommended):
+def app_section(cfg, accuracies, recommended, threshold=None):
     """The report's "Using the model in your app": how each Vision option feeds the model, what it scores, and
-    the Swift lines for the recommended one."""
+    the Swift lines for the recommended one (saying "not sure" below `threshold`, if given)."""
     size = cfg.model.image_size
     lines = ["## Using the model in your app", "",
              f"Vision crops and scales every photo to the model's {size}x{size} input before the model sees it; how "
@@ -179,7 +259,7 @@ def app_section(cfg, accuracies, recommended):
     best = vision_crop.get_option(recommended)
     lines += ["", f"Set `{best.vision}` on a `VNCoreMLRequest` (its default is `.centerCrop`) or `{best.coreml_request}` "
               "on a `CoreMLRequest` (its default is `.scaleToFill`):", "",
-              vision_crop.swift_snippet(swift_class_name(cfg.export.name), best).rstrip("\n")]
+              vision_crop.swift_snippet(swift_class_name(cfg.export.name), best, threshold=threshold).rstrip("\n")]
     return lines
 
 

@@ -36,8 +36,36 @@ def export_meta(cfg, classes, metrics, ingest_report):
               "training": f"head {cfg.train_head.features} features, lr {cfg.train_head.learning_rate}; "
                           f"finetune {cfg.finetune.epochs} epochs from {cfg.finetune.unfreeze_from}, "
                           f"lr {cfg.finetune.learning_rate}",
-              "classes": len(classes)},
-        input_note=input_note(metrics))
+              "classes": len(classes), **confidence_metadata(metrics)},
+        input_note=input_note(metrics), output_note=output_note(metrics))
+
+
+def confidence_metadata(metrics):
+    """What the exported files say about their confidence, from evaluate's metrics: the temperature their logits
+    are divided by and, if evaluate recommended one, the "none of these" threshold and its rule."""
+    confidence = metrics.get("confidence")
+    if confidence is None:  # metrics of an evaluate stage from before calibration
+        return {}
+    meta = {"temperature": round(confidence["temperature"], 6)}
+    if confidence["threshold"] is not None:
+        meta["confidence_threshold"] = round(confidence["threshold"], 6)
+        meta["confidence_threshold_rule"] = (
+            f"below it, say 'not sure': the highest confidence (the largest class probability) that keeps "
+            f"{confidence['keep_correct']:.0%} of the validation images the model gets right")
+    return meta
+
+
+def output_note(metrics):
+    """The Core ML probability output's note on calibration and the "none of these" threshold ("" if none)."""
+    confidence = metrics.get("confidence")
+    if confidence is None:
+        return ""
+    note = (f"Calibrated on the validation photos (temperature {confidence['temperature']:.3f})"
+            if confidence["calibrated"] else "Not calibrated")
+    if confidence["threshold"] is not None:
+        note += (f"; when the top class's probability is below {confidence['threshold']:.3f}, show \"not sure\" "
+                 f"(keeps {confidence['keep_correct']:.0%} of correct answers)")
+    return note + "."
 
 
 def input_note(metrics):
@@ -114,8 +142,8 @@ def parity(cfg, inputs, files, model=None, meta=None, ready=None):
     t0 = time.monotonic()
     pixels, truth = check_images(inputs["ingest"], cfg)
     loading = round(time.monotonic() - t0, 2)
-    model = model or models.load(inputs["finetune"].model)
-    rows = measure(files, model, inputs["finetune"].model, meta or stage_meta(cfg, inputs), pixels, truth,
+    model = model or models.load(inputs["evaluate"].model)
+    rows = measure(files, model, inputs["evaluate"].model, meta or stage_meta(cfg, inputs), pixels, truth,
                    cfg.export, log=_log_row, ready=ready)
     rows[0]["check_images_seconds"] = loading  # the Keras row: time spent reading the test images
     return rows
@@ -124,11 +152,11 @@ def parity(cfg, inputs, files, model=None, meta=None, ready=None):
 def start_conversions(cfg, inputs, model, meta, files, in_worker=None):
     """The Conversions (pipeline.export.conversions) writing every file of `files` ({format: path}) of the fine-tuned
     model: in a worker process if `in_worker` (default export.convert_in_worker) is set, which loads the model
-    from the finetune stage's file, else here. Calibration images are loaded only when a format needs them."""
+    from the evaluate stage's file, else here. Calibration images are loaded only when a format needs them."""
     in_worker = cfg.export.convert_in_worker if in_worker is None else in_worker
     calibration = (functools.partial(calibration_pixels, inputs["ingest"], cfg)  # picklable, for the worker
                    if any(FORMATS[name].calibrated for name in files) else None)
-    return Conversions(model, inputs["finetune"].model if in_worker else None, meta, files, calibration, in_worker)
+    return Conversions(model, inputs["evaluate"].model if in_worker else None, meta, files, calibration, in_worker)
 
 
 def export_and_check(cfg, inputs, model, meta, files):
@@ -205,14 +233,15 @@ def run(ctx):
     """Export every configured format, measure each against Keras, and write labels.txt, export.json, parity.md."""
     cfg, out = ctx.cfg, ctx.out
     meta = stage_meta(cfg, ctx.inputs)
-    model = models.load(ctx.inputs["finetune"].model)
+    model = models.load(ctx.inputs["evaluate"].model)
     out.write_labels(meta.labels)
     files = {name: out.model(cfg.export.name, name) for name in cfg.export.formats}
     exported, rows = export_and_check(cfg, ctx.inputs, model, meta, files)
     seconds = time_breakdown(exported, rows)
     log.info("export time (seconds):\n%s", time_table(seconds))
-    fileio.write_json(out.checks, {"labels": meta.labels, "preprocessing": meta.preprocessing(), "formats": rows,
-                                   "seconds": seconds})
+    confidence = confidence_metadata(fileio.read_json(ctx.inputs["evaluate"].metrics))
+    fileio.write_json(out.checks, {"labels": meta.labels, "preprocessing": meta.preprocessing(),
+                                   "confidence": confidence, "formats": rows, "seconds": seconds})
     fileio.write_text(out.parity, table(rows))
     stop_on_failures(rows)
     for row in rows:
@@ -229,7 +258,7 @@ def verify(cfg, catalog):
     missing = [str(path) for path in files.values() if not path.exists()]
     if missing:
         raise PipelineError(f"no exported file {', '.join(missing)}: run `python -m pipeline export` first")
-    return parity(cfg, {name: catalog.stage(name) for name in ("ingest", "finetune", "evaluate")}, files)
+    return parity(cfg, {name: catalog.stage(name) for name in ("ingest", "evaluate")}, files)
 
 
 def _log_row(row):

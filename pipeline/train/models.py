@@ -111,6 +111,25 @@ def backbone_of(classifier):
     return classifier.layers[1]
 
 
+def logits_and_probabilities(classifier):
+    """A model of the classifier's layers that outputs [logits, probabilities]: the Dense layer's output before the
+    softmax, and the classifier's own output."""
+    keras = _keras()
+
+    return keras.Model(classifier.inputs, [classifier.get_layer("logits").output, classifier.output])
+
+
+def divide_logits(classifier, temperature):
+    """Divide the classifier's logits by `temperature`, in place, by dividing its Dense layer's kernel and bias:
+    its softmax then gives softmax(logits / temperature), and every format converted from it does too."""
+    import numpy as np
+
+    layer = classifier.get_layer("logits")
+    kernel, bias = layer.get_weights()
+    layer.set_weights([(kernel / np.float32(temperature)).astype(kernel.dtype),
+                       (bias / np.float32(temperature)).astype(bias.dtype)])
+
+
 def copy_head(head, classifier):
     """Copy trained head weights into the classifier's head (its Dense layer holds all of them)."""
     classifier.get_layer("logits").set_weights(head.get_layer("logits").get_weights())

@@ -1,0 +1,1 @@
+"""How far to trust the model's probabilities: calibration by temperature, and the "none of these" threshold."""
