@@ -137,3 +137,17 @@ def test_calibrated_model_is_the_fine_tuned_one_with_its_logits_divided(world, t
     assert "## Confidence" in report and "![reliability diagram](reliability.png)" in report
     assert out.reliability.stat().st_size > 0
     assert f"best.confidence < {metrics['confidence']['threshold']:.4f}" in report
+
+
+def test_a_wrong_unknown_data_path_is_an_error_before_any_work(world, tmp_path, monkeypatch):
+    from pipeline.train import models
+
+    def no_model(path):
+        raise AssertionError("the model was loaded before the path was checked")
+
+    monkeypatch.setattr(models, "load", no_model)
+    catalog = Catalog(world["artifacts"])
+    inputs = {name: catalog.stage(name) for name in ("ingest", "augment", "train-head", "finetune")}
+    cfg = config.load(SMOKE_CONFIG, overrides=[f"evaluate.unknown_data={tmp_path / 'no-such-folder'}"])
+    with pytest.raises(DataError, match="evaluate.unknown_data '.*no-such-folder' is not a folder"):
+        evaluate.run(StageContext(cfg, inputs, catalog.stage("evaluate", tmp_path / "out"), tmp_path / "sources"))

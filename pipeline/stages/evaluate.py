@@ -61,13 +61,19 @@ def vision_accuracies(model, rows, labels, size, settings, batch_size, scale_fil
     return accuracies
 
 
-def unknown_logits(model, cfg, sources_dir, settings):
-    """The logits (N, C) of the photos of evaluate.unknown_data under `model` (a logits_and_probabilities model),
-    and the paths of those that could not be read (skipped, each with a warning)."""
-    # an archive is unpacked within the limits a dataset archive is
+def unknown_paths(cfg, sources_dir):
+    """The image files of evaluate.unknown_data (None when it is unset); an archive is unpacked into `sources_dir`
+    within the limits a dataset archive is."""
+    if cfg.evaluate.unknown_data is None:
+        return None
     limits = SimpleNamespace(max_archive_gb=cfg.ingest.max_archive_gb,
                              max_compression_ratio=cfg.ingest.max_compression_ratio)
-    paths = unknown.image_paths(cfg.evaluate.unknown_data, sources_dir, limits)
+    return unknown.image_paths(cfg.evaluate.unknown_data, sources_dir, limits)
+
+
+def unknown_logits(model, cfg, paths, settings):
+    """The logits (N, C) under `model` (a logits_and_probabilities model) of the unknown photos at `paths`, and the
+    paths of those that could not be read (skipped, each with a warning)."""
     size, batch_size = cfg.model.image_size, cfg.evaluate.batch_size
     progress = Progress("unknown photos", len(paths), "images")
     parts, unreadable = [], []
@@ -117,6 +123,7 @@ def run(ctx):
     if not rows:
         raise DataError(f"the test split in {ingest.index} is empty: add images to the dataset's test/ folder, "
                         "or remove test/ so that ingest takes ingest.test_ratio of the training images")
+    photos = unknown_paths(cfg, ctx.sources_dir)  # before any work: a wrong path is an error at once
     model = models.load(ctx.inputs["finetune"].model)
     both = models.logits_and_probabilities(model)
     size, batch = cfg.model.image_size, cfg.evaluate.batch_size
@@ -132,7 +139,7 @@ def run(ctx):
     if cfg.evaluate.vision_options:
         result["vision_options"] = vision_accuracies(model, rows, labels, size, settings, batch, probs)
         result["recommended_crop"] = vision_crop.recommend(result["vision_options"])
-    result["confidence"] = _confidence(ctx, both, settings, logits, labels, classes)
+    result["confidence"] = _confidence(ctx, both, settings, logits, labels, classes, photos)
     temperature = result["confidence"]["temperature"]
     models.divide_logits(model, temperature)
     models.save(model, out.model)
@@ -167,7 +174,7 @@ def run(ctx):
             "temperature": temperature, "threshold": result["confidence"]["threshold"]}
 
 
-def _confidence(ctx, both, settings, test_logits, test_labels, classes):
+def _confidence(ctx, both, settings, test_logits, test_labels, classes, photo_paths):
     """pipeline.confidence.measures.measure from the validation split's logits (and the unknown photos', if any)."""
     cfg, ingest = ctx.cfg, ctx.inputs["ingest"]
     size, batch = cfg.model.image_size, cfg.evaluate.batch_size
@@ -179,11 +186,10 @@ def _confidence(ctx, both, settings, test_logits, test_labels, classes):
         log.warning("the validation split is empty: the confidence is not calibrated and no \"none of these\" "
                     "threshold is recommended (give the dataset a val/ folder, or set ingest.val_ratio above 0)")
     photos = None
-    if cfg.evaluate.unknown_data is not None:
-        photo_logits, unreadable = unknown_logits(both, cfg, ctx.sources_dir, settings)
+    if photo_paths is not None:
+        photo_logits, unreadable = unknown_logits(both, cfg, photo_paths, settings)
         photos = {"logits": photo_logits, "source": cfg.evaluate.unknown_data, "unreadable": unreadable}
-    return measure(cfg.evaluate, val_logits, class_indices(val_rows, classes), test_logits, test_labels,
-                               photos)
+    return measure(cfg.evaluate, val_logits, class_indices(val_rows, classes), test_logits, test_labels, photos)
 
 
 def _confidence_text(confidence):
