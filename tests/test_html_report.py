@@ -40,8 +40,8 @@ def test_file_names_in_the_dataset_section_show_as_they_are(tmp_path):
 
 def test_the_evaluate_stage_writes_a_self_contained_report(world):
     page = (world["artifacts"] / "evaluate" / "report.html").read_text(encoding="utf-8")
-    assert page.count("data:image/png;base64,") >= 3  # confusion matrix, worst predictions, training curves
-    assert "Using the model in your app" in page
+    assert page.count("data:image/png;base64,") >= 4  # confusion, worst predictions, reliability, training curves
+    assert "Using the model in your app" in page and "<h2>Confidence</h2>" in page
     assert page.index("<h2>Dataset</h2>") < page.index("<h2>Per class</h2>")
 
 
@@ -71,3 +71,14 @@ def test_report_html_renders_in_a_headless_browser(world, tmp_path):
     png = tmp_path / "report.png"
     tool.screenshot(world["artifacts"] / "evaluate" / "report.html", png, width=900, height=1800)
     assert tool.check(png) == []
+
+
+def test_trim_cuts_the_blank_rows_below_the_page(tmp_path):
+    tool = _tool()
+    page = np.full((1000, 200, 3), 255, dtype=np.uint8)
+    page[100:300, 20:180] = (30, 90, 200)
+    Image.fromarray(page).save(tmp_path / "page.png")
+    tool.trim(tmp_path / "page.png", margin=40)
+    assert Image.open(tmp_path / "page.png").size == (200, 340)
+    tool.trim(tmp_path / "page.png", margin=40)  # nothing more to cut
+    assert Image.open(tmp_path / "page.png").size == (200, 340)

@@ -1,4 +1,5 @@
-"""Open evaluate's report.html in headless Chromium, save a screenshot, and check that it shows the report.
+"""Open evaluate's report.html in headless Chromium, save a screenshot of the whole page, and check that it shows the
+report.
 
 Usage: python tools/screenshot_report.py [REPORT_HTML] [OUT_PNG]
 (defaults: artifacts/evaluate/report.html and report.png beside it). Needs Chromium or Chrome: on Debian
@@ -23,6 +24,10 @@ FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--
          "--disable-background-networking", "--disable-component-update", "--disable-sync")
 
 
+# A window this tall holds the whole report; trim() then cuts the blank rows below it.
+FULL_PAGE = 16000
+
+
 def find_browser():
     """The first Chromium-family browser on this machine, or None."""
     for name in BROWSERS:
@@ -43,6 +48,15 @@ def screenshot(html, png, width=1200, height=2400, browser=None):
                        check=True, capture_output=True, timeout=120)
 
 
+def trim(png, margin=40):
+    """Cut the blank rows below the page's last content row (keeping `margin` of them) from the screenshot."""
+    image = Image.open(png).convert("RGB")
+    rows = np.flatnonzero((np.asarray(image, dtype=np.int16) < 245).any(axis=(1, 2)))
+    bottom = min(image.height, (int(rows[-1]) + 1 + margin) if len(rows) else margin)
+    if bottom < image.height:
+        image.crop((0, 0, image.width, bottom)).save(png)
+
+
 def check(png, min_figure_pixels=20_000):
     """Problems with a screenshot of the report: blank, or no coloured figure (the plots) on it."""
     rgb = np.asarray(Image.open(png).convert("RGB"), dtype=np.int16)
@@ -60,7 +74,8 @@ def main(argv):
     png = Path(argv[2] if len(argv) > 2 else html.with_suffix(".png"))
     if not html.is_file():
         raise SystemExit(f"{html} does not exist: run `make evaluate` first")
-    screenshot(html, png)
+    screenshot(html, png, height=FULL_PAGE)
+    trim(png)
     problems = check(png)
     for problem in problems:
         print(f"{png}: {problem}", file=sys.stderr)
