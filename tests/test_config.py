@@ -11,12 +11,12 @@ from pipeline.train.training import check_batch_size
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-@pytest.mark.parametrize("name", ["multisnacks.yaml", "book.yaml", "smoke.yaml", "mobilenet.yaml", "mynet.yaml",
-                                  "smallcnn.yaml"])
+@pytest.mark.parametrize("name", ["multisnacks.yaml", "best.yaml", "book.yaml", "smoke.yaml", "mobilenet.yaml",
+                                  "mynet.yaml", "smallcnn.yaml"])
 def test_shipped_configs_load(name):
     cfg = config.load(CONFIGS / name)
-    assert cfg.model.backbone == {"multisnacks.yaml": "efficientnet_lite0", "mynet.yaml": "mynet",
-                                  "smallcnn.yaml": "smallcnn"}.get(name, "mobilenet")
+    assert cfg.model.backbone == {"multisnacks.yaml": "efficientnet_lite0", "best.yaml": "efficientnet_lite2",
+                                  "mynet.yaml": "mynet", "smallcnn.yaml": "smallcnn"}.get(name, "mobilenet")
 
 
 def test_the_default_config_file_is_the_dataclass_defaults():
