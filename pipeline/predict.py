@@ -7,7 +7,7 @@ import numpy as np
 
 from pipeline import fileio
 from pipeline.catalog import Catalog
-from pipeline.data.images import BadImage, is_image_name, load_array
+from pipeline.data.images import BadImage, images_under, load_array
 from pipeline.errors import PipelineError
 from pipeline.export import coreml_runtime
 from pipeline.export.formats import FORMATS
@@ -26,7 +26,7 @@ def image_files(path):
         raise PipelineError(f"{path}: no such file or folder")
     if path.is_file():
         return [path]
-    found = sorted(p for p in path.rglob("*") if p.is_file() and is_image_name(p))
+    found = images_under(path)
     if not found:
         raise PipelineError(f"{path}: no image files in this folder (looked for .jpg, .jpeg, .png, ... "
                             "in it and its subfolders)")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pipeline.data import dataset
 from pipeline.data.fingerprint import source_fingerprint
-from pipeline.data.images import is_image_name
+from pipeline.data.images import images_under
 from pipeline.errors import DataError
 
 KEY = "evaluate.unknown_data"
@@ -32,7 +32,7 @@ def image_paths(path, sources_dir, limits):
     else:
         raise DataError(f"{KEY} '{path}' is not a folder or a .zip/.tar.gz archive: give a folder of photos that "
                         "show none of the classes, or set it to null")
-    found = sorted(p for p in folder.rglob("*") if p.is_file() and is_image_name(p))
+    found = images_under(folder)
     if not found:
         raise DataError(f"{KEY} '{path}' holds no image files (.jpg, .png, ...): add photos that show none of the "
                         "classes, or set it to null")

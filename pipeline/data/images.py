@@ -35,6 +35,11 @@ def is_image_name(path):
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
+def images_under(folder):
+    """Every image file (by its name) under `folder` and its subfolders, sorted."""
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and is_image_name(p))
+
+
 def to_rgb(image):
     """Convert a decoded Pillow image to upright 8-bit RGB; return it and a note of what was converted."""
     notes = []
