@@ -121,9 +121,9 @@ class ModelConfig:
     dropout, l2: the head's dropout rate and the Dense layer's L2 factor.
     """
 
-    backbone: str = "efficientnet_lite0"
+    backbone: str = "efficientnet_lite2"
     alpha: float | None = None
-    image_size: int = 256
+    image_size: int = 260
     weights: typing.Literal["imagenet"] | None = "imagenet"
     weights_dir: str | None = field(default_factory=lambda: os.environ.get(WEIGHTS_DIR_ENV) or None,
                                     metadata={"cache_key": False})
@@ -237,7 +237,8 @@ class TrainHeadConfig(TrainingConfig):
 @dataclass(frozen=True)
 class FinetuneConfig(TrainingConfig):
     """Fine-tuning the whole network, or its top blocks, at a lower learning rate. The defaults are the default
-    recipe's: EfficientNet-Lite0's blocks 6a-7a and top trained on cached block-6a inputs, at most 24 minutes.
+    recipe's: EfficientNet-Lite2's blocks 6a-7a and top trained on cached block-6a inputs of the originals and
+    mirrors, at most 22 minutes.
 
     epochs: 0 skips fine-tuning (the head model is passed on unchanged).
     unfreeze_from: `all` unfreezes the whole backbone; a cut point of the backbone (its registry entry in
@@ -258,8 +259,7 @@ class FinetuneConfig(TrainingConfig):
     schedule: typing.Literal["constant", "plateau", "cosine"] = "plateau"
     lr_patience: int = 1
     patience: int = 3
-    max_minutes: float | None = 24
-    augmented_views: int = 1
+    max_minutes: float | None = 22
     unfreeze_from: str = "block6a"
     freeze_batchnorm: bool = True
     inputs: typing.Literal["live", "cached"] = "cached"

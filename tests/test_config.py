@@ -11,11 +11,12 @@ from pipeline.train.training import check_batch_size
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-@pytest.mark.parametrize("name", ["multisnacks.yaml", "best.yaml", "book.yaml", "smoke.yaml", "mobilenet.yaml",
-                                  "mynet.yaml", "smallcnn.yaml"])
+@pytest.mark.parametrize("name", ["multisnacks.yaml", "best.yaml", "lite0.yaml", "book.yaml", "smoke.yaml",
+                                  "mobilenet.yaml", "mynet.yaml", "smallcnn.yaml"])
 def test_shipped_configs_load(name):
     cfg = config.load(CONFIGS / name)
-    assert cfg.model.backbone == {"multisnacks.yaml": "efficientnet_lite0", "best.yaml": "efficientnet_lite2",
+    assert cfg.model.backbone == {"multisnacks.yaml": "efficientnet_lite2", "best.yaml": "efficientnet_lite2",
+                                  "lite0.yaml": "efficientnet_lite0",
                                   "mynet.yaml": "mynet", "smallcnn.yaml": "smallcnn"}.get(name, "mobilenet")
 
 
@@ -23,7 +24,7 @@ def test_the_default_config_file_is_the_dataclass_defaults():
     """One source of defaults: configs/multisnacks.yaml (what `make all` runs) sets nothing the dataclasses do not."""
     assert config.load(CONFIGS / "multisnacks.yaml") == config.from_dict({})
     cfg = config.from_dict({})
-    assert (cfg.model.backbone, cfg.model.image_size) == ("efficientnet_lite0", 256)
+    assert (cfg.model.backbone, cfg.model.image_size) == ("efficientnet_lite2", 260)
     assert (cfg.train_head.features, cfg.finetune.inputs, cfg.finetune.unfreeze_from) == ("cached", "cached", "block6a")
 
 
@@ -78,7 +79,7 @@ def test_data_override(tmp_path):
     ({"train_head": {"schedule": "step"}}, ["train_head.schedule", "'cosine'"]),
     ({"finetune": {"warmup_epochs": 20}}, ["finetune.warmup_epochs", "20", "finetune.epochs"]),
     ({"finetune": {"label_smoothing": 1.0}}, ["finetune.label_smoothing", "[0, 1)"]),
-    ({"finetune": {"views_per_epoch": 4}}, ["finetune.views_per_epoch", "4", "[1, 3]"]),
+    ({"finetune": {"augmented_views": 1, "views_per_epoch": 4}}, ["finetune.views_per_epoch", "4", "[1, 3]"]),
     ({"export": {"formats": ["coreml", "pdf"]}}, ["export.formats", "pdf", "onnx"]),
     ({"augment": {"horizontal_flip": "yes"}}, ["augment.horizontal_flip", "true/false"]),
     ({"model": "big"}, ["model", "mapping"]),

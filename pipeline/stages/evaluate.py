@@ -36,27 +36,38 @@ def predict(model, ingest_files, augment_files, split, size, batch_size, flip=Fa
     return model.predict(batches, verbose=keras_verbose())
 
 
+def _outputs_in_batches(model, items, batch_size, load, settings, what):
+    """`model`'s first output for the images `load(item)` gives, `batch_size` items at a time, through the
+    backbone's preprocessing (the augment stage's scale and bias); `load` returns None for an item to skip.
+    A (N, ...) array, or None when every item was skipped."""
+    progress = Progress(what, len(items), "images")
+    parts = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        pixels = [p for p in map(load, chunk) if p is not None]
+        if pixels:
+            inputs = scale_bias(np.stack(pixels).astype(np.float32), settings["input_scale"], settings["input_bias"])
+            outputs = model(inputs, training=False)
+            parts.append((outputs[0] if isinstance(outputs, (list, tuple)) else outputs).numpy())
+        progress.advance(len(chunk))
+    progress.close()
+    return np.concatenate(parts) if parts else None
+
+
 def vision_accuracies(model, rows, labels, size, settings, batch_size, scale_fill_probabilities):
     """Test accuracy with the photos cropped and scaled as each of Vision's options does, {option name: accuracy}.
 
-    The pixels go through the backbone's own preprocessing (the augment stage's scale and bias), as the exported
-    files apply it; scale_fill is what training and `predict` do, so its probabilities are the plain pass's.
+    The pixels go through the backbone's own preprocessing, as the exported files apply it; scale_fill is what
+    training and `predict` do, so its probabilities are the plain pass's.
     """
     accuracies = {}
     for option in vision_crop.OPTIONS:
         if option.name == vision_crop.TRAINING_OPTION:
             probs = scale_fill_probabilities
         else:
-            progress = Progress(f"test images as Vision's {option.vision}", len(rows), "images")
-            parts = []
-            for start in range(0, len(rows), batch_size):
-                batch = rows[start:start + batch_size]
-                pixels = np.stack([vision_crop.load_as(r["path"], size, option.name) for r in batch])
-                parts.append(model(scale_bias(pixels, settings["input_scale"], settings["input_bias"]),
-                                   training=False).numpy())
-                progress.advance(len(batch))
-            progress.close()
-            probs = np.concatenate(parts)
+            probs = _outputs_in_batches(model, rows, batch_size,
+                                        lambda row: vision_crop.load_as(row["path"], size, option.name), settings,
+                                        f"test images as Vision's {option.vision}")
         accuracies[option.name] = float((probs.argmax(axis=1) == labels).mean())
     return accuracies
 
@@ -74,26 +85,21 @@ def unknown_paths(cfg, sources_dir):
 def unknown_logits(model, cfg, paths, settings):
     """The logits (N, C) under `model` (a logits_and_probabilities model) of the unknown photos at `paths`, and the
     paths of those that could not be read (skipped, each with a warning)."""
-    size, batch_size = cfg.model.image_size, cfg.evaluate.batch_size
-    progress = Progress("unknown photos", len(paths), "images")
-    parts, unreadable = [], []
-    for start in range(0, len(paths), batch_size):
-        pixels = []
-        for path in paths[start:start + batch_size]:
-            try:
-                pixels.append(load_array(path, size))
-            except (BadImage, OSError, ValueError, Image.DecompressionBombError) as exc:
-                log.warning("%s: skipped, not an image this tool can read (%s)", path, exc)
-                unreadable.append(str(path))
-        if pixels:
-            inputs = scale_bias(np.stack(pixels).astype(np.float32), settings["input_scale"], settings["input_bias"])
-            parts.append(model(inputs, training=False)[0].numpy())
-        progress.advance(len(paths[start:start + batch_size]))
-    progress.close()
-    if not parts:
+    unreadable = []
+
+    def load(path):
+        try:
+            return load_array(path, cfg.model.image_size)
+        except (BadImage, OSError, ValueError, Image.DecompressionBombError) as exc:
+            log.warning("%s: skipped, not an image this tool can read (%s)", path, exc)
+            unreadable.append(str(path))
+            return None
+
+    logits = _outputs_in_batches(model, paths, cfg.evaluate.batch_size, load, settings, "unknown photos")
+    if logits is None:
         raise DataError(f"{unknown.KEY} '{cfg.evaluate.unknown_data}': none of its {len(paths)} image files could be "
                         "read; give JPEG/PNG photos that show none of the classes, or set it to null")
-    return np.concatenate(parts), unreadable
+    return logits, unreadable
 
 
 def metrics(labels, probabilities, classes):
