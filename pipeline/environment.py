@@ -21,7 +21,8 @@ LIBRARY_DEFAULTS = {
     "TF_CPP_MIN_LOG_LEVEL": "2",
     # TensorFlow's pool (BFC) allocator for CPU tensors. The default allocator returns every large freed tensor to
     # the kernel and faults its pages in again for the next op, which is most of the time where page faults are
-    # expensive (virtual machines); the pool keeps them (bench/RESULTS.md, "Allocator").
+    # expensive (virtual machines); the pool keeps them (bench/RESULTS.md, "Allocator"). Where TensorFlow enables
+    # oneDNN (recent Intel CPUs), oneDNN's own allocator pools whatever this says.
     "TF_CPU_ALLOCATOR_USE_BFC": "true",
     # coremltools draws a tqdm bar for every conversion pass (pipeline.quiet).
     "TQDM_DISABLE": "1",
