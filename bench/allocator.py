@@ -1,6 +1,6 @@
 """Bench: memory allocation on the pipeline's two heaviest loops, the frozen-backbone forward pass of feature caching
 and a fine-tuning step on cached activations, the latter either alone (`finetune`: train_on_batch on one array) or
-as the finetune stage runs it (`fit`: Keras fit over CachedBatches read from a float16 .npy file).
+as the finetune stage runs it (`fit`: Keras fit over CachedBatches read from a float16 .npy file, as tf.data).
 
 Usage: python bench/allocator.py [--work forward|finetune|fit] [--backbone efficientnet_lite0]
                                  [--size 256] [--cut block6a] [--batch 32] [--images 320]
@@ -81,7 +81,7 @@ def _bench_fit(args, model, kept):
     import tf_keras as keras
 
     from pipeline.stages.finetune import unfreeze
-    from pipeline.train import models
+    from pipeline.train import inputs, models
     from pipeline.train.activations import ArrayFile, CachedBatches
 
     unfreeze(model, args.backbone, args.cut, freeze_batchnorm=True)
@@ -92,9 +92,9 @@ def _bench_fit(args, model, kept):
         path = Path(folder) / "train.npy"
         np.save(path, rng.uniform(0, 6, (args.images, *lower.output_shape[1:])).astype(np.float16))
         batches = CachedBatches(ArrayFile(path), rng.integers(0, 20, args.images), 20, args.batch, shuffle=True)
-        upper.fit(batches, epochs=1, verbose=0)  # warm-up: tracing and first allocations
+        upper.fit(inputs.dataset(batches, 0, 1), epochs=1, verbose=0)  # warm-up: tracing and first allocations
         before, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-        upper.fit(batches, epochs=1, verbose=0)
+        upper.fit(inputs.dataset(batches, 1, 2), epochs=1, verbose=0)
         _report(args, len(batches) * args.batch, time.perf_counter() - t0, before, kept)
 
 

@@ -16,7 +16,7 @@ from pipeline import config
 from pipeline.catalog import Catalog
 from pipeline.data.augmentation import split_batches
 from pipeline.runner import Runner
-from pipeline.train import models
+from pipeline.train import inputs, models
 
 
 def main():
@@ -41,7 +41,7 @@ def main():
             continue
         batches = split_batches(ingest, augment, kw.pop("split"), size, 64, **kw)
         t0 = time.monotonic()
-        feats = extractor.predict(batches, verbose=0)
+        feats = extractor.predict(inputs.dataset(batches), verbose=0)
         timings[name] = time.monotonic() - t0
         np.save(path, feats)
         np.save(out / f"{name.split('_')[0]}_labels.npy", batches.labels)

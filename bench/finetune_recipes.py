@@ -18,7 +18,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import yaml
 
 import pipeline  # noqa: F401
@@ -26,7 +25,7 @@ from pipeline import config
 from pipeline.catalog import Catalog, TrainFiles
 from pipeline.data.augmentation import split_batches
 from pipeline.stages.evaluate import metrics
-from pipeline.train import models, training
+from pipeline.train import inputs, models, training
 from pipeline.train.activations import CachedBatches, cache_split, cache_views, view_specs, write_outputs
 
 
@@ -70,8 +69,8 @@ def main():
         summary = training.fit(upper, train, CachedBatches(*val, len(classes), batch), section,
                                TrainFiles(scratch / name))
         minutes = (time.monotonic() - t1) / 60
-        probs = upper.predict(CachedBatches(*test, len(classes), batch), verbose=0)
-        probs_flip = upper.predict(CachedBatches(*flipped, len(classes), batch), verbose=0)
+        probs = upper.predict(inputs.dataset(CachedBatches(*test, len(classes), batch)), verbose=0)
+        probs_flip = upper.predict(inputs.dataset(CachedBatches(*flipped, len(classes), batch)), verbose=0)
         plain, tta = metrics(test[1], probs, classes), metrics(test[1], (probs + probs_flip) / 2, classes)
         results[name] = {"overrides": overrides, "test": plain["accuracy"], "test_tta": tta["accuracy"],
                          "macro_f1": plain["macro_f1"], "val": summary["val_accuracy"],

@@ -306,6 +306,20 @@ class EvaluateConfig:
         _check("evaluate.batch_size", self.batch_size, self.batch_size >= 1, "a positive integer")
 
 
+@dataclass(frozen=True)
+class DistributeConfig:
+    """Training (train-head, finetune) on several devices of this machine with tf.distribute.
+
+    strategy: `auto`: MirroredStrategy over the visible GPUs when there are two or more, else one device; `none`:
+        one device; `mirrored`: MirroredStrategy over the visible GPUs, or, with none, over the CPU's logical
+        devices (one unless TensorFlow was told to make more, as the tests do). Each replica takes
+        `batch_size` images of every batch, so the global batch is `batch_size` times the replicas; the learning
+        rate is used as configured, not scaled. Both are written into the stage's `training.json`.
+    """
+
+    strategy: typing.Literal["auto", "none", "mirrored"] = "auto"
+
+
 def _default_formats():
     return [name for name, fmt in FORMATS.items() if fmt.default]
 
@@ -375,6 +389,7 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    distribute: DistributeConfig = field(default_factory=DistributeConfig)
 
     def validate(self):
         """Checks that involve more than one section."""

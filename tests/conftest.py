@@ -313,5 +313,5 @@ def smoke_cfg(world, **sections):
     if not sections:
         return cfg
     raw = {name: cfg.section(name) for name in ("data", "ingest", "augment", "model", "train_head", "finetune",
-                                                 "evaluate", "export")}
+                                                 "evaluate", "export", "distribute")}
     return config.from_dict({**raw, **sections, "data": {"path": str(world["data"])}})

@@ -98,8 +98,8 @@ def test_views_per_epoch_takes_that_many_distinct_views_of_every_image(tmp_path,
     array, labels = _bank(tmp_path)
     batches = CachedBatches(array, labels, 3, 4, shuffle=True, seed=1, n_views=3, views_per_epoch=per_epoch)
     epochs = []
-    for _ in range(6):
-        rows = [(batches[i][0][:, 0], batches[i][1].argmax(1)) for i in range(len(batches))]
+    for epoch in range(6):
+        rows = [(x[:, 0], y.argmax(1)) for x, y in (batches.batch(epoch, i) for i in range(len(batches)))]
         values = np.concatenate([r[0] for r in rows]).astype(int)
         classes = np.concatenate([r[1] for r in rows])
         np.testing.assert_array_equal(classes, (values % 10) % 3)  # labels travel with their rows
@@ -108,7 +108,6 @@ def test_views_per_epoch_takes_that_many_distinct_views_of_every_image(tmp_path,
         for i in range(6):
             assert len(set(views[images == i])) == per_epoch
         epochs.append(tuple(sorted(values)))
-        batches.on_epoch_end()
     assert len(set(epochs)) > 1  # drawn afresh each epoch
 
 

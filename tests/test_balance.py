@@ -31,7 +31,7 @@ class _Rows:
     """A stand-in ArrayFile: row i holds the value i."""
 
     def __init__(self, n):
-        self.path, self.n = "rows", n
+        self.path, self.n, self.shape = "rows", n, (n, 1)
 
     def __len__(self):
         return self.n
@@ -43,7 +43,6 @@ class _Rows:
 def test_cached_batches_oversample_every_epoch():
     labels = np.array([0] * 8 + [1] * 2)
     batches = CachedBatches(_Rows(10), labels, 2, batch_size=4, shuffle=True, oversample=True)
-    for _ in range(2):
-        seen = np.concatenate([batches[i][1].argmax(1) for i in range(len(batches))])
+    for epoch in range(2):
+        seen = np.concatenate([batches.batch(epoch, i)[1].argmax(1) for i in range(len(batches))])
         assert len(batches) == 4 and np.bincount(seen).tolist() == [8, 8]
-        batches.on_epoch_end()

@@ -112,7 +112,7 @@ def test_resolved_config_written_beside_outputs(world):
     import yaml
 
     resolved = yaml.safe_load((world["artifacts"] / "finetune" / "config.yaml").read_text())
-    assert set(resolved) == {"model", "finetune"}
+    assert set(resolved) == {"model", "finetune", "distribute"}
     assert resolved["finetune"]["unfreeze_from"] == "block12"
 
 

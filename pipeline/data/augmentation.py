@@ -40,62 +40,64 @@ def one_hot(indices, n_classes):
     return np.eye(n_classes, dtype=np.float32)[np.asarray(indices, dtype=int)]
 
 
-def _sequence_base():
-    import tf_keras as keras
-
-    return keras.utils.Sequence
-
-
-class ImageBatches(_sequence_base()):
-    """Batches of (preprocessed images, one-hot labels) read from index rows through an ImageDataGenerator.
+class ImageBatches:
+    """Batches of (preprocessed images, one-hot labels) read from index rows through an ImageDataGenerator: a batch
+    source for pipeline.train.inputs, and fixed views read batch by batch (`batches[i]`, epoch 0).
 
     Images are decoded with pipeline.data.images (upright RGB, bilinear resize), then, as in Keras's own
     iterators, `random_transform` (when augmenting) and `standardize` (which applies the backbone's scale and bias).
     `flip` mirrors every image (a fixed view for test-time augmentation and cached features); `oversample`
-    repeats the smaller classes' images in every epoch up to the largest class's count.
+    repeats the smaller classes' images in every epoch up to the largest class's count. Each epoch's order and
+    each batch's random transforms are functions of the seed, the epoch and the batch alone, so a resumed run or
+    another worker draws what an unbroken one-process run would.
     """
 
     def __init__(self, rows, classes, size, generator, batch_size, augment=False, shuffle=False,
                  flip=False, seed=0, oversample=False):
-        super().__init__()
         self.paths = [row["path"] for row in rows]
         self.labels = class_indices(rows, classes)
         self.n_classes = len(classes)
         self.size, self.generator, self.batch_size = size, generator, batch_size
         self.augment, self.shuffle, self.flip, self.oversample = augment, shuffle, flip, oversample
-        self.rng = np.random.default_rng(seed)
-        self._new_epoch()
+        self.seed = seed
+        self.row_shape = (size, size, 3)
+        self._order = (None, None)
+        self._steps = math.ceil(len(self.order(0)) / batch_size)  # every epoch has as many images
 
-    def _new_epoch(self):
-        order = np.arange(len(self.paths))
-        if self.oversample:
-            order = balance.oversample(order, self.labels, self.rng)
-        if self.shuffle:
-            self.rng.shuffle(order)
-        self.order = order
+    def order(self, epoch):
+        """The images (indices into `paths`) epoch `epoch` (from 0) reads, in its order."""
+        if self._order[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            order = np.arange(len(self.paths))
+            if self.oversample:
+                order = balance.oversample(order, self.labels, rng)
+            if self.shuffle:
+                rng.shuffle(order)
+            self._order = (epoch, order)
+        return self._order[1]
 
     def __len__(self):
-        return math.ceil(len(self.order) / self.batch_size)
+        return self._steps
 
-    def images(self, i):
-        """Batch i as float32 pixels 0-255 after augmentation, before preprocessing."""
-        picked = self.order[i * self.batch_size:(i + 1) * self.batch_size]
+    def images(self, i, epoch=0):
+        """Batch i of epoch `epoch` as float32 pixels 0-255 after augmentation, before preprocessing."""
+        picked = self.order(epoch)[i * self.batch_size:(i + 1) * self.batch_size]
         batch = np.stack([load_array(self.paths[j], self.size) for j in picked]).astype(np.float32)
         if self.flip:
             batch = batch[:, :, ::-1, :]
         if self.augment:
-            batch = np.stack([self.generator.random_transform(x, seed=int(self.rng.integers(1 << 31)))
-                              for x in batch])
+            rng = np.random.default_rng([self.seed, epoch, i])
+            batch = np.stack([self.generator.random_transform(x, seed=int(rng.integers(1 << 31))) for x in batch])
         return batch, self.labels[picked]
 
-    def __getitem__(self, i):
-        batch, labels = self.images(i)
+    def batch(self, epoch, i):
+        """Batch `i` of epoch `epoch`: (preprocessed images, one-hot labels)."""
+        batch, labels = self.images(i, epoch)
         batch = np.stack([self.generator.standardize(x) for x in batch])
         return batch, one_hot(labels, self.n_classes)
 
-    def on_epoch_end(self):
-        if self.shuffle or self.oversample:
-            self._new_epoch()
+    def __getitem__(self, i):
+        return self.batch(0, i)
 
 
 def split_batches(ingest_files, augment_files, split, size, batch_size, augment=False, shuffle=False,

@@ -22,7 +22,7 @@ from pipeline.progress import Progress
 from pipeline.reporting import html_report
 from pipeline.reporting.confidence import confidence_section
 from pipeline.reporting.report import dataset_section, plot_confusion, plot_grid, plot_reliability
-from pipeline.train import models
+from pipeline.train import inputs, models
 from pipeline.train.training import keras_verbose
 
 log = logging.getLogger("pipeline.evaluate")
@@ -33,7 +33,7 @@ def predict(model, ingest_files, augment_files, split, size, batch_size, flip=Fa
     outputs)."""
     batches = split_batches(ingest_files, augment_files, split, size, batch_size, flip=flip)
     log.info("predicting %d %s images%s", len(batches.paths), split, " (mirrored)" if flip else "")
-    return model.predict(batches, verbose=keras_verbose())
+    return model.predict(inputs.dataset(batches), verbose=keras_verbose())
 
 
 def _outputs_in_batches(model, items, batch_size, load, settings, what):

@@ -7,7 +7,7 @@ import shutil
 from pipeline.backbones import cut_layer
 from pipeline.data.augmentation import split_batches
 from pipeline.fileio import write_json
-from pipeline.train import models, training
+from pipeline.train import distribute, models, training
 from pipeline.train.activations import CachedBatches
 from pipeline.train.view_store import ViewStore, activations_output, backbone_section, split_view, training_views
 
@@ -27,12 +27,14 @@ def unfreeze(model, backbone_name, unfreeze_from, freeze_batchnorm):
     return sum(1 for layer in base.layers if layer.trainable and layer.weights)
 
 
-def _fit_cached(ctx, model):
+def _fit_cached(ctx, model, chosen):
     """Train the layers above `unfreeze_from` on cached activations of the frozen layers below it."""
     cfg, section, out = ctx.cfg, ctx.cfg.finetune, ctx.out
-    ingest, augment, size, batch = ctx.inputs["ingest"], ctx.inputs["augment"], cfg.model.image_size, section.batch_size
+    ingest, augment, size = ctx.inputs["ingest"], ctx.inputs["augment"], cfg.model.image_size
+    batch = section.batch_size * chosen.num_replicas_in_sync
     n_classes = len(ingest.read_classes())
-    lower, upper = models.split_at(model, cfg.model.backbone, section.unfreeze_from)
+    with chosen.scope():
+        lower, upper = models.split_at(model, cfg.model.backbone, section.unfreeze_from)
     store = ViewStore(ctx.store, ctx.upstream, backbone_section(cfg))
     outputs = [activations_output(section.unfreeze_from, lower)]
     views = training_views(section.flip_view, section.augmented_views, section.seed)
@@ -60,17 +62,20 @@ def run(ctx):
         return {"message": "fine-tuning skipped (finetune.epochs is 0); the head model is passed on"}
     ingest, augment, size = ctx.inputs["ingest"], ctx.inputs["augment"], cfg.model.image_size
     training.check_batch_size("finetune", section.batch_size, len(ingest.read_index("train")))
-    model = models.load(head_files.model)
+    chosen = distribute.strategy(cfg.distribute)
+    with chosen.scope():
+        model = models.load(head_files.model)
     layers = unfreeze(model, cfg.model.backbone, section.unfreeze_from, section.freeze_batchnorm)
     where = "the whole backbone" if section.unfreeze_from == "all" else f"from {section.unfreeze_from} on"
     log.info("fine-tuning %s (%d trainable layers with weights, batchnorm %s, %s inputs)", where, layers,
              "frozen" if section.freeze_batchnorm else "trainable", section.inputs)
     if section.inputs == "cached":
-        summary = _fit_cached(ctx, model)
+        summary = _fit_cached(ctx, model, chosen)
     else:
-        train = split_batches(ingest, augment, "train", size, section.batch_size, augment=True, shuffle=True,
-                              seed=section.seed, oversample=section.oversample)
-        val = split_batches(ingest, augment, "val", size, section.batch_size)
+        batch = section.batch_size * chosen.num_replicas_in_sync
+        train = split_batches(ingest, augment, "train", size, batch, augment=True, shuffle=True, seed=section.seed,
+                              oversample=section.oversample)
+        val = split_batches(ingest, augment, "val", size, batch)
         summary = training.fit(model, train, val, section, out, backup=ctx.backup)
     models.save(model, out.model)
     return {"message": f"fine-tuned {where} ({section.inputs} inputs): best val accuracy "

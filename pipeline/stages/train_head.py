@@ -1,8 +1,10 @@
 """Stage 3, train-head: a new GlobalAveragePooling -> Dropout -> Dense -> softmax head on the frozen backbone."""
 from __future__ import annotations
 
+import contextlib
+
 from pipeline.data.augmentation import split_batches
-from pipeline.train import models, training, view_store
+from pipeline.train import distribute, models, training, view_store
 from pipeline.train.activations import CachedBatches
 from pipeline.train.view_store import Output, ViewStore, split_view, training_views
 
@@ -14,8 +16,12 @@ def run(ctx):
     classes = ingest.read_classes()
     training.check_batch_size("train_head", batch, len(ingest.read_index("train")))
     training.seed_everything(section.seed)  # the same config builds the same initial weights
-    model = models.build_classifier(cfg.model, len(classes))
-    if section.features == "live":
+    chosen = distribute.strategy(cfg.distribute)
+    batch *= chosen.num_replicas_in_sync  # the global batch
+    live = section.features == "live"
+    with chosen.scope() if live else contextlib.nullcontext():  # the model trains, or only computes features
+        model = models.build_classifier(cfg.model, len(classes))
+    if live:
         train = split_batches(ingest, augment, "train", size, batch, augment=True, shuffle=True, seed=section.seed,
                               oversample=section.oversample)
         val = split_batches(ingest, augment, "val", size, batch)
@@ -24,7 +30,8 @@ def run(ctx):
     else:
         views = training_views(section.flip_view, section.augmented_views, section.seed)
         (x, y), (val_x, val_y) = _features(ctx, model, views)
-        head = models.build_head(cfg.model, len(classes), x.shape[1])
+        with chosen.scope():
+            head = models.build_head(cfg.model, len(classes), x.shape[1])
         train = CachedBatches(x, y, len(classes), batch, shuffle=True, seed=section.seed, n_views=len(views),
                               views_per_epoch=section.views_per_epoch, oversample=section.oversample)
         val = CachedBatches(val_x, val_y, len(classes), batch)

@@ -201,53 +201,55 @@ def cache_split(model, ingest_files, augment_files, split, size, batch_size, pat
     return write_outputs(model, [(f"{split} images", batches)], path, dtype)
 
 
-def _sequence_base():
-    import tf_keras as keras
+class CachedBatches:
+    """Batches of (cached rows as float32, one-hot labels) from an ArrayFile, in an order drawn afresh each epoch if
+    asked: a batch source for pipeline.train.inputs.
 
-    return keras.utils.Sequence
-
-
-class CachedBatches(_sequence_base()):
-    """Batches of (cached rows as float32, one-hot labels) from an ArrayFile, reshuffled each epoch if asked.
-
-    The rows of a views cache are view-major (all originals, then all mirrors, ...). With `views_per_epoch`,
-    each epoch takes that many distinct views of every image, drawn afresh per image and epoch. With
-    `oversample`, the smaller classes' rows are repeated in every epoch up to the largest class's count.
+    Each epoch's order is a function of the seed and the epoch alone, so a resumed run, or another worker, draws
+    the order an unbroken one-process run would. The rows of a views cache are view-major (all originals, then all
+    mirrors, ...). With `views_per_epoch`, each epoch takes that many distinct views of every image, drawn afresh
+    per image and epoch. With `oversample`, the smaller classes' rows are repeated in every epoch up to the largest
+    class's count.
     """
 
     def __init__(self, array, labels, n_classes, batch_size, shuffle=False, seed=0, n_views=1,
                  views_per_epoch=None, oversample=False):
-        super().__init__()
         if len(array) % n_views:
             raise ValueError(f"{array.path}: {len(array)} rows do not divide into {n_views} views")
         self.array, self.labels, self.n_classes = array, np.asarray(labels), n_classes
-        self.batch_size, self.shuffle = batch_size, shuffle
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.n_views, self.views_per_epoch = n_views, views_per_epoch or n_views
         self.oversample = oversample
-        self.rng = np.random.default_rng(seed)
-        self._new_epoch()
+        self.row_shape = tuple(array.shape[1:])
+        self._order = (None, None)
+        self._steps = math.ceil(len(self.order(0)) / batch_size)  # every epoch has as many rows
 
-    def _new_epoch(self):
-        n_images = len(self.array) // self.n_views
-        if self.views_per_epoch == self.n_views:
-            order = np.arange(len(self.array))
-        else:
-            picks = np.argsort(self.rng.random((n_images, self.n_views)), axis=1)[:, :self.views_per_epoch]
-            order = (picks * n_images + np.arange(n_images)[:, None]).ravel()
-        if self.oversample:
-            order = balance.oversample(order, self.labels[order], self.rng)
-        if self.shuffle:
-            self.rng.shuffle(order)
-        self.order = order
+    def order(self, epoch):
+        """The rows epoch `epoch` (from 0) trains on, in its order."""
+        if self._order[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            n_images = len(self.array) // self.n_views
+            if self.views_per_epoch == self.n_views:
+                order = np.arange(len(self.array))
+            else:
+                picks = np.argsort(rng.random((n_images, self.n_views)), axis=1)[:, :self.views_per_epoch]
+                order = (picks * n_images + np.arange(n_images)[:, None]).ravel()
+            if self.oversample:
+                order = balance.oversample(order, self.labels[order], rng)
+            if self.shuffle:
+                rng.shuffle(order)
+            self._order = (epoch, order)
+        return self._order[1]
 
     def __len__(self):
-        return math.ceil(len(self.order) / self.batch_size)
+        return self._steps
 
-    def __getitem__(self, i):
-        picked = self.order[i * self.batch_size:(i + 1) * self.batch_size]
+    def batch(self, epoch, i):
+        """Batch `i` of epoch `epoch`: (rows as float32, one-hot labels)."""
+        picked = self.order(epoch)[i * self.batch_size:(i + 1) * self.batch_size]
         # Reading in file order is faster; the batch's composition, not its order, is what shuffling sets.
         picked = np.sort(picked)
         return self.array.rows(picked).astype(np.float32), one_hot(self.labels[picked], self.n_classes)
 
-    def on_epoch_end(self):
-        self._new_epoch()
+    def __getitem__(self, i):
+        return self.batch(0, i)

@@ -11,6 +11,7 @@ import numpy as np
 from pipeline import fileio
 from pipeline.data import balance
 from pipeline.progress import Progress
+from pipeline.train import distribute, inputs
 from pipeline.train.resume import EpochBackup
 
 log = logging.getLogger("pipeline.train.training")
@@ -153,15 +154,17 @@ def fit(model, train, validation, section, files, backup=None, **fit_kwargs):
     """Compile and fit `model`; keep the best epoch by validation accuracy; write history and curves.
 
     `section` is the train_head or finetune config (epochs, learning rate and schedule, label smoothing,
-    patience, max_minutes, ...). `train` is a Sequence of (inputs, one-hot labels) batches or an (x, y) tuple
-    of arrays; `validation` likewise. `backup`: a folder where the state after each epoch is kept, from which
+    patience, max_minutes, ...). `train` is a batch source (pipeline.train.inputs), read as tf.data, or an (x, y)
+    tuple of arrays; `validation` likewise. A model built inside a tf.distribute strategy's scope trains under it. `backup`: a folder where the state after each epoch is kept, from which
     a run killed before the end goes on at the next epoch (pipeline.train.resume); None: no backup. Returns a
     summary dict of the run.
     """
     keras, TimeBudget, LearningRate, EpochLog, EpochSeeds = _callbacks()
     loss = keras.losses.CategoricalCrossentropy(label_smoothing=section.label_smoothing)
     x, y = train if isinstance(train, tuple) else (train, None)
-    steps_per_epoch = len(x) if y is None else math.ceil(len(x) / section.batch_size)
+    placement = distribute.describe(model.distribute_strategy, section.batch_size, section.learning_rate)
+    batch_size = placement["global_batch_size"]  # a batch source is made with it; arrays are batched here
+    steps_per_epoch = len(x) if y is None else math.ceil(len(x) / batch_size)
     model.compile(optimizer=_optimizer(keras, section, steps_per_epoch), loss=loss, metrics=["accuracy"])
     budget = TimeBudget(section.max_minutes)
     callbacks = [
@@ -188,15 +191,18 @@ def fit(model, train, validation, section, files, backup=None, **fit_kwargs):
     seed_everything(section.seed)
     restored = backer.restore() if backer is not None else None
     done = restored["epoch"] if restored else 0
-    for _ in range(done if y is None and hasattr(x, "on_epoch_end") else 0):
-        x.on_epoch_end()  # the batch order of the epochs already run, as an unbroken run would have drawn it
     t0 = time.monotonic()
     rows = list(restored["history"]) if restored else []
     if not (restored and restored["finished"]):
-        # A Sequence draws its own seeded order each epoch, which a resumed run replays; Keras's shuffling of
-        # its batches would draw from NumPy's global generator instead, which a resumed run cannot replay.
+        if y is None:
+            # A batch source draws each epoch's order from its seed and the epoch, so the dataset can start at
+            # the resumed epoch; Keras's own shuffling would draw from NumPy's global generator, which cannot.
+            replicas = placement["replicas"]
+            x, validation = (inputs.dataset(x, done, section.epochs, replicas),
+                             inputs.dataset(validation, replicas=replicas))
+            fit_kwargs["steps_per_epoch"] = steps_per_epoch
         history = model.fit(x, y, validation_data=validation, epochs=section.epochs, initial_epoch=done,
-                            callbacks=callbacks, batch_size=section.batch_size if y is not None else None,
+                            callbacks=callbacks, batch_size=batch_size if y is not None else None,
                             shuffle=y is not None, verbose=keras_verbose(), **fit_kwargs)
         rows += [dict(epoch=e + 1, **{k: float(v[i]) for k, v in history.history.items()})
                  for i, e in enumerate(history.epoch)]
@@ -206,7 +212,8 @@ def fit(model, train, validation, section, files, backup=None, **fit_kwargs):
     write_history(files, rows)
     best = max(rows, key=lambda r: r["val_accuracy"])
     summary = {"epochs_run": len(rows), "best_epoch": best["epoch"], "val_accuracy": best["val_accuracy"],
-               "val_loss": best["val_loss"], "stopped_by_time_budget": budget.stopped_at is not None}
+               "val_loss": best["val_loss"], "stopped_by_time_budget": budget.stopped_at is not None,
+               "distribute": placement}
     # The file holds what was learnt, never how long it took: a rerun that learns the same writes the same bytes,
     # and the stages below stay fresh. The seconds go into the stage's manifest with the rest of its summary.
     fileio.write_json(files.summary, summary)
