@@ -76,13 +76,16 @@ def test_none_and_auto_without_gpus_train_on_one_device():
     if len(tf.config.list_logical_devices("GPU")) < 2:
         assert distribute.strategy(DistributeConfig("auto")).num_replicas_in_sync == 1
     info = distribute.describe(tf.distribute.get_strategy(), 16, 0.001)
-    assert (info["replicas"], info["global_batch_size"], info["learning_rate"]) == (1, 16, 0.001)
+    assert info == {"strategy": "none", "replicas": 1, "batch_size_per_replica": 16, "global_batch_size": 16,
+                    "learning_rate": 0.001}
 
 
 def test_mirrored_over_two_cpus_learns_what_one_device_learns_with_the_same_global_batch(tmp_path):
     out, _ = _run(COMPARE, tmp_path)
     runs = json.loads(out.strip().splitlines()[-1])
     assert runs["mirrored"]["distribute"]["replicas"] == 2 and runs["none"]["distribute"]["replicas"] == 1
+    assert (runs["mirrored"]["distribute"]["strategy"], runs["none"]["distribute"]["strategy"]) == ("MirroredStrategy",
+                                                                                                  "none")
     assert runs["mirrored"]["distribute"]["global_batch_size"] == runs["none"]["distribute"]["global_batch_size"] == 16
     # The same sums in another order: each replica's gradient over its half batch, then the two added, against one
     # sum over the batch. Float32 rounding (6e-8 relative) differs at each of the 24 Adam steps, which can carry it

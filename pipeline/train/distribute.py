@@ -32,7 +32,9 @@ def describe(chosen, batch_size, learning_rate):
     """What a training stage records of its strategy: its name, the replicas, the per-replica and global batch and
     the learning rate (used as configured, whatever the replicas)."""
     replicas = chosen.num_replicas_in_sync
-    info = {"strategy": type(chosen).__name__, "replicas": replicas, "batch_size_per_replica": batch_size,
+    name = type(chosen).__name__
+    name = "none" if name == "_DefaultDistributionStrategy" else name  # TensorFlow's one-device default
+    info = {"strategy": name, "replicas": replicas, "batch_size_per_replica": batch_size,
             "global_batch_size": batch_size * replicas, "learning_rate": learning_rate}
     if replicas > 1:
         log.info("training on %d replicas (%s): global batch %d (%d per replica), learning rate %g as configured",
