@@ -155,7 +155,8 @@ def fit(model, train, validation, section, files, backup=None, **fit_kwargs):
 
     `section` is the train_head or finetune config (epochs, learning rate and schedule, label smoothing,
     patience, max_minutes, ...). `train` is a batch source (pipeline.train.inputs), read as tf.data, or an (x, y)
-    tuple of arrays; `validation` likewise. A model built inside a tf.distribute strategy's scope trains under it. `backup`: a folder where the state after each epoch is kept, from which
+    tuple of arrays; `validation` likewise. A model built inside a tf.distribute strategy's scope trains under it,
+    on batches of `batch_size` per replica. `backup`: a folder where the state after each epoch is kept, from which
     a run killed before the end goes on at the next epoch (pipeline.train.resume); None: no backup. Returns a
     summary dict of the run.
     """
