@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import numpy as np
 
 from pipeline.backbones import BACKBONES, scale_bias
-from pipeline.data import balance
+from pipeline.data.batch_source import BatchSource
 from pipeline.data.images import load_array
 from pipeline.data.labels import class_indices
 
@@ -40,7 +39,7 @@ def one_hot(indices, n_classes):
     return np.eye(n_classes, dtype=np.float32)[np.asarray(indices, dtype=int)]
 
 
-class ImageBatches:
+class ImageBatches(BatchSource):
     """Batches of (preprocessed images, one-hot labels) read from index rows through an ImageDataGenerator: a batch
     source for pipeline.train.inputs, and fixed views read batch by batch (`batches[i]`, epoch 0).
 
@@ -55,33 +54,13 @@ class ImageBatches:
     def __init__(self, rows, classes, size, generator, batch_size, augment=False, shuffle=False,
                  flip=False, seed=0, oversample=False):
         self.paths = [row["path"] for row in rows]
-        self.labels = class_indices(rows, classes)
-        self.n_classes = len(classes)
-        self.size, self.generator, self.batch_size = size, generator, batch_size
-        self.augment, self.shuffle, self.flip, self.oversample = augment, shuffle, flip, oversample
-        self.seed = seed
+        self.size, self.generator, self.augment, self.flip = size, generator, augment, flip
         self.row_shape = (size, size, 3)
-        self._order = (None, None)
-        self._steps = math.ceil(len(self.order(0)) / batch_size)  # every epoch has as many images
-
-    def order(self, epoch):
-        """The images (indices into `paths`) epoch `epoch` (from 0) reads, in its order."""
-        if self._order[0] != epoch:
-            rng = np.random.default_rng([self.seed, epoch])
-            order = np.arange(len(self.paths))
-            if self.oversample:
-                order = balance.oversample(order, self.labels, rng)
-            if self.shuffle:
-                rng.shuffle(order)
-            self._order = (epoch, order)
-        return self._order[1]
-
-    def __len__(self):
-        return self._steps
+        super().__init__(class_indices(rows, classes), len(classes), batch_size, shuffle, seed, oversample)
 
     def images(self, i, epoch=0):
         """Batch i of epoch `epoch` as float32 pixels 0-255 after augmentation, before preprocessing."""
-        picked = self.order(epoch)[i * self.batch_size:(i + 1) * self.batch_size]
+        picked = self.picked(epoch, i)
         batch = np.stack([load_array(self.paths[j], self.size) for j in picked]).astype(np.float32)
         if self.flip:
             batch = batch[:, :, ::-1, :]
@@ -95,9 +74,6 @@ class ImageBatches:
         batch, labels = self.images(i, epoch)
         batch = np.stack([self.generator.standardize(x) for x in batch])
         return batch, one_hot(labels, self.n_classes)
-
-    def __getitem__(self, i):
-        return self.batch(0, i)
 
 
 def split_batches(ingest_files, augment_files, split, size, batch_size, augment=False, shuffle=False,

@@ -46,8 +46,8 @@ def _outputs_in_batches(model, items, batch_size, load, settings, what):
         chunk = items[start:start + batch_size]
         pixels = [p for p in map(load, chunk) if p is not None]
         if pixels:
-            inputs = scale_bias(np.stack(pixels).astype(np.float32), settings["input_scale"], settings["input_bias"])
-            outputs = model(inputs, training=False)
+            batch = scale_bias(np.stack(pixels).astype(np.float32), settings["input_scale"], settings["input_bias"])
+            outputs = model(batch, training=False)
             parts.append((outputs[0] if isinstance(outputs, (list, tuple)) else outputs).numpy())
         progress.advance(len(chunk))
     progress.close()

@@ -27,11 +27,11 @@ def unfreeze(model, backbone_name, unfreeze_from, freeze_batchnorm):
     return sum(1 for layer in base.layers if layer.trainable and layer.weights)
 
 
-def _fit_cached(ctx, model, chosen):
-    """Train the layers above `unfreeze_from` on cached activations of the frozen layers below it."""
+def _fit_cached(ctx, model, chosen, batch):
+    """Train the layers above `unfreeze_from` on cached activations of the frozen layers below it, under strategy
+    `chosen`, in batches of `batch` (the global batch)."""
     cfg, section, out = ctx.cfg, ctx.cfg.finetune, ctx.out
     ingest, augment, size = ctx.inputs["ingest"], ctx.inputs["augment"], cfg.model.image_size
-    batch = section.batch_size * chosen.num_replicas_in_sync
     n_classes = len(ingest.read_classes())
     with chosen.scope():
         lower, upper = models.split_at(model, cfg.model.backbone, section.unfreeze_from)
@@ -63,6 +63,7 @@ def run(ctx):
     ingest, augment, size = ctx.inputs["ingest"], ctx.inputs["augment"], cfg.model.image_size
     training.check_batch_size("finetune", section.batch_size, len(ingest.read_index("train")))
     chosen = distribute.strategy(cfg.distribute)
+    batch = section.batch_size * chosen.num_replicas_in_sync  # the global batch
     with chosen.scope():
         model = models.load(head_files.model)
     layers = unfreeze(model, cfg.model.backbone, section.unfreeze_from, section.freeze_batchnorm)
@@ -70,9 +71,8 @@ def run(ctx):
     log.info("fine-tuning %s (%d trainable layers with weights, batchnorm %s, %s inputs)", where, layers,
              "frozen" if section.freeze_batchnorm else "trainable", section.inputs)
     if section.inputs == "cached":
-        summary = _fit_cached(ctx, model, chosen)
+        summary = _fit_cached(ctx, model, chosen, batch)
     else:
-        batch = section.batch_size * chosen.num_replicas_in_sync
         train = split_batches(ingest, augment, "train", size, batch, augment=True, shuffle=True, seed=section.seed,
                               oversample=section.oversample)
         val = split_batches(ingest, augment, "val", size, batch)

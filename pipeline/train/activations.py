@@ -7,14 +7,13 @@ plain file reads, so memory holds one batch at a time however large the dataset 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 
 import numpy as np
 
-from pipeline.data import balance
 from pipeline.data.augmentation import one_hot, split_batches
+from pipeline.data.batch_source import BatchSource
 from pipeline.progress import Progress
 
 log = logging.getLogger("pipeline.train.activations")
@@ -201,55 +200,33 @@ def cache_split(model, ingest_files, augment_files, split, size, batch_size, pat
     return write_outputs(model, [(f"{split} images", batches)], path, dtype)
 
 
-class CachedBatches:
+class CachedBatches(BatchSource):
     """Batches of (cached rows as float32, one-hot labels) from an ArrayFile, in an order drawn afresh each epoch if
-    asked: a batch source for pipeline.train.inputs.
+    asked: a batch source (pipeline.data.batch_source).
 
-    Each epoch's order is a function of the seed and the epoch alone, so a resumed run, or another worker, draws
-    the order an unbroken one-process run would. The rows of a views cache are view-major (all originals, then all
-    mirrors, ...). With `views_per_epoch`, each epoch takes that many distinct views of every image, drawn afresh
-    per image and epoch. With `oversample`, the smaller classes' rows are repeated in every epoch up to the largest
-    class's count.
+    The rows of a views cache are view-major (all originals, then all mirrors, ...). With `views_per_epoch`, each
+    epoch takes that many distinct views of every image, drawn afresh per image and epoch. With `oversample`, the
+    smaller classes' rows are repeated in every epoch up to the largest class's count.
     """
 
     def __init__(self, array, labels, n_classes, batch_size, shuffle=False, seed=0, n_views=1,
                  views_per_epoch=None, oversample=False):
         if len(array) % n_views:
             raise ValueError(f"{array.path}: {len(array)} rows do not divide into {n_views} views")
-        self.array, self.labels, self.n_classes = array, np.asarray(labels), n_classes
-        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.array, self.row_shape = array, tuple(array.shape[1:])
         self.n_views, self.views_per_epoch = n_views, views_per_epoch or n_views
-        self.oversample = oversample
-        self.row_shape = tuple(array.shape[1:])
-        self._order = (None, None)
-        self._steps = math.ceil(len(self.order(0)) / batch_size)  # every epoch has as many rows
+        super().__init__(labels, n_classes, batch_size, shuffle, seed, oversample)
 
-    def order(self, epoch):
-        """The rows epoch `epoch` (from 0) trains on, in its order."""
-        if self._order[0] != epoch:
-            rng = np.random.default_rng([self.seed, epoch])
-            n_images = len(self.array) // self.n_views
-            if self.views_per_epoch == self.n_views:
-                order = np.arange(len(self.array))
-            else:
-                picks = np.argsort(rng.random((n_images, self.n_views)), axis=1)[:, :self.views_per_epoch]
-                order = (picks * n_images + np.arange(n_images)[:, None]).ravel()
-            if self.oversample:
-                order = balance.oversample(order, self.labels[order], rng)
-            if self.shuffle:
-                rng.shuffle(order)
-            self._order = (epoch, order)
-        return self._order[1]
-
-    def __len__(self):
-        return self._steps
+    def _rows(self, rng):
+        """All rows, or `views_per_epoch` distinct views of each image drawn with `rng`."""
+        if self.views_per_epoch == self.n_views:
+            return np.arange(len(self.array))
+        n_images = len(self.array) // self.n_views
+        picks = np.argsort(rng.random((n_images, self.n_views)), axis=1)[:, :self.views_per_epoch]
+        return (picks * n_images + np.arange(n_images)[:, None]).ravel()
 
     def batch(self, epoch, i):
         """Batch `i` of epoch `epoch`: (rows as float32, one-hot labels)."""
-        picked = self.order(epoch)[i * self.batch_size:(i + 1) * self.batch_size]
         # Reading in file order is faster; the batch's composition, not its order, is what shuffling sets.
-        picked = np.sort(picked)
+        picked = np.sort(self.picked(epoch, i))
         return self.array.rows(picked).astype(np.float32), one_hot(self.labels[picked], self.n_classes)
-
-    def __getitem__(self, i):
-        return self.batch(0, i)

@@ -1,6 +1,6 @@
 """Training input as tf.data: a batch source's batches, epoch after epoch, read ahead of the training step.
 
-A batch source (pipeline.train.activations.CachedBatches, pipeline.data.augmentation.ImageBatches) has `len()`
+A batch source (pipeline.data.batch_source: ImageBatches, CachedBatches) has `len()`
 batches per epoch, `batch(epoch, i)` -> (inputs, one-hot labels) as float32 arrays, `row_shape` and `n_classes`.
 Its batches are a function of the epoch and the batch number alone, so the dataset can start at any epoch (a
 resumed run) and tf.distribute can split each batch among replicas (`keras.utils.Sequence` and Python generators
