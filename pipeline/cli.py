@@ -20,6 +20,7 @@ from pipeline.predict import RUNNABLE
 from pipeline.runner import Runner, stage_names
 from pipeline.stages import STAGES
 from pipeline.stages import export as export_stage
+from pipeline.train import distribute
 
 log = logging.getLogger("pipeline")
 
@@ -143,6 +144,11 @@ def _execute(ctx, results, **_):
                                  weights_dir=opts["weights_dir"])
         runner = Runner(cfg, opts["artifacts"])
         targets = [name for kind, names in results if kind == "run" for name in names]
+        if targets and cfg.distribute.strategy == "multi_worker" and not cfg.distribute.local_workers:
+            # A cluster from TF_CONFIG: this process is one of its workers, and its strategy has to exist before
+            # TensorFlow runs any other operation.
+            with quiet.native_stderr():
+                distribute.strategy(cfg.distribute)
         if targets or any(kind in ("verify", "predict", "sweep") for kind, _ in results):
             quiet.load_tensorflow()
         if targets:

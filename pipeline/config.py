@@ -308,16 +308,27 @@ class EvaluateConfig:
 
 @dataclass(frozen=True)
 class DistributeConfig:
-    """Training (train-head, finetune) on several devices of this machine with tf.distribute.
+    """Training (train-head, finetune) on several devices or processes with tf.distribute.
 
     strategy: `auto`: MirroredStrategy over the visible GPUs when there are two or more, else one device; `none`:
         one device; `mirrored`: MirroredStrategy over the visible GPUs, or, with none, over the CPU's logical
-        devices (one unless TensorFlow was told to make more, as the tests do). Each replica takes
-        `batch_size` images of every batch, so the global batch is `batch_size` times the replicas; the learning
-        rate is used as configured, not scaled. Both are written into the stage's `training.json`.
+        devices (one unless TensorFlow was told to make more, as the tests do); `multi_worker`:
+        MultiWorkerMirroredStrategy over worker processes, `local_workers` of them on this machine, or, with
+        `local_workers: 0`, the cluster that the `TF_CONFIG` environment variable describes (one process per
+        machine, each running the same command). Each replica takes `batch_size` images of every batch, so the
+        global batch is `batch_size` times the replicas; the learning rate is used as configured, not scaled.
+        Both are written into the stage's `training.json`.
+    local_workers: with `multi_worker`, how many worker processes to start on this machine, talking over
+        127.0.0.1; worker 0 (the chief) writes the stage's outputs, the others nothing. 0: none (TF_CONFIG).
     """
 
-    strategy: typing.Literal["auto", "none", "mirrored"] = "auto"
+    strategy: typing.Literal["auto", "none", "mirrored", "multi_worker"] = "auto"
+    local_workers: int = 0
+
+    def validate(self):
+        _check("distribute.local_workers", self.local_workers,
+               self.local_workers == 0 or (self.local_workers >= 1 and self.strategy == "multi_worker"),
+               "0, or with distribute.strategy: multi_worker a positive number of worker processes")
 
 
 def _default_formats():

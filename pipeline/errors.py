@@ -46,3 +46,7 @@ class ArtifactsError(PipelineError):
         return cls(f"no space left on the disk of artifacts folder '{folder}' ({free}) while {stage} wrote "
                    f"'{getattr(cause, 'filename', None) or folder}'; {stage} was not saved and its previous outputs "
                    "are untouched; free some space, or pass --artifacts to a folder on a larger disk")
+
+
+class TrainingError(PipelineError):
+    """A training stage could not finish (a worker process died): the message says what to run next."""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline import code_deps, fileio
+from pipeline import code_deps, fileio, local_workers
 from pipeline.cache.feature_store import FeatureStore
 from pipeline.cache.lock import holding
 from pipeline.cache.sealed_folder import SealedFolder, first_difference, read_manifest
@@ -157,7 +157,8 @@ class Runner:
                 out = self.catalog.stage(stage.name, folder.path)
                 context = StageContext(self.cfg, inputs, out, self.catalog.sources, key, self.store, upstream,
                                        self._backup_folder(stage.name, key))
-                summary = module.run(context) or {}
+                workers = local_workers.count(self.cfg, stage)
+                summary = (local_workers.run_stage(stage, context, workers) if workers else module.run(context)) or {}
                 duration = time.monotonic() - t0
                 resolved = self.cfg.resolved(stage.sections)
                 fileio.write_text(out.resolved_config, yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))

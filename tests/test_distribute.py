@@ -10,6 +10,7 @@ import textwrap
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 from conftest import REPO, base_args, ran
 
 from pipeline.config import DistributeConfig
@@ -76,8 +77,8 @@ def test_none_and_auto_without_gpus_train_on_one_device():
     if len(tf.config.list_logical_devices("GPU")) < 2:
         assert distribute.strategy(DistributeConfig("auto")).num_replicas_in_sync == 1
     info = distribute.describe(tf.distribute.get_strategy(), 16, 0.001)
-    assert info == {"strategy": "none", "replicas": 1, "batch_size_per_replica": 16, "global_batch_size": 16,
-                    "learning_rate": 0.001}
+    assert info == {"strategy": "none", "workers": 1, "replicas": 1, "batch_size_per_replica": 16,
+                    "global_batch_size": 16, "learning_rate": 0.001}
 
 
 def test_mirrored_over_two_cpus_learns_what_one_device_learns_with_the_same_global_batch(tmp_path):
@@ -105,3 +106,43 @@ def test_the_training_stages_run_mirrored_from_the_config(world, tmp_path):
         summary = json.loads((artifacts / stage / "training.json").read_text())
         assert summary["distribute"]["replicas"] == 2, summary
         assert summary["distribute"]["global_batch_size"] == 2 * 4  # configs/smoke.yaml: batch_size 4 in both
+
+
+def test_machines_of_a_tf_config_cluster_each_run_the_command_and_end_with_the_same_model(world, tmp_path):
+    from pipeline import local_workers
+    from pipeline.train.worker import weights_digest
+
+    addresses = [f"127.0.0.1:{port}" for port in local_workers.free_ports(2)]
+    processes = []
+    for index in range(2):  # two "machines": each its own artifacts folder, its place in the cluster from TF_CONFIG
+        artifacts = tmp_path / f"machine-{index}"
+        shutil.copytree(world["artifacts"], artifacts)
+        cluster = {"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}}
+        command = [sys.executable, "-m", "pipeline", *base_args(world, artifacts), "--set",
+                   "distribute.strategy=multi_worker", "finetune"]
+        processes.append((artifacts, subprocess.Popen(
+            command, cwd=REPO, env={**os.environ, "TF_CONFIG": json.dumps(cluster)}, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True, start_new_session=True)))
+    try:
+        for artifacts, process in processes:
+            _, err = process.communicate(timeout=300)
+            assert process.returncode == 0, err[-3000:]
+    finally:
+        for _, process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+    for stage in ("train-head", "finetune"):
+        placement = json.loads((tmp_path / "machine-0" / stage / "training.json").read_text())["distribute"]
+        assert placement["workers"] == 2 and placement["global_batch_size"] == 2 * 4
+        # Each worker applies the same all-reduced gradients to the same weights: the same computation, bit for bit.
+        assert weights_digest(tmp_path / "machine-0" / stage / "model.h5") == weights_digest(
+            tmp_path / "machine-1" / stage / "model.h5")
+
+
+def test_multi_worker_without_local_workers_or_tf_config_is_a_config_error(monkeypatch):
+    from pipeline.errors import ConfigError
+
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    distribute._multi_worker.cache_clear()
+    with pytest.raises(ConfigError, match="TF_CONFIG"):
+        distribute.strategy(DistributeConfig("multi_worker"))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import base_args, invoke, ran
 
-from pipeline.cache.feature_store import ENTRY, FeatureStore
+from pipeline.cache.feature_store import ENTRY, ChiefsStore, FeatureStore
 
 COMPUTED = re.compile(r"computed .+ \(\d+ images\) in")
 
@@ -136,3 +136,16 @@ def test_a_finetune_setting_changed_reruns_it_without_computing_any_activations(
     assert len(COMPUTED.findall(seed.stderr)) == 1  # only the augmented view draws other transforms
 
 
+
+
+def test_a_workers_view_of_the_chiefs_store_waits_for_each_entry_and_makes_none(tmp_path):
+    import threading
+
+    chiefs = FeatureStore(tmp_path / "store")
+    view = ChiefsStore(chiefs, poll=0.05)
+    maker = threading.Timer(0.3, lambda: chiefs.get_or_make("k", _maker([])))
+    maker.start()
+    assert view.get("k") == chiefs.folder("k") and (chiefs.folder("k") / ENTRY).is_file()
+    maker.join()
+    with pytest.raises(RuntimeError):
+        view.make_several(["other"], lambda folders: None)

@@ -1,5 +1,6 @@
 """Training input as tf.data: a batch source's batches, epoch by epoch, from any first epoch."""
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from pipeline.train import inputs
@@ -52,5 +53,33 @@ def test_with_replicas_each_batch_is_filled_to_a_multiple_of_them_with_rows_weig
         assert len(x) == n + n % 2 and len(x) % 2 == 0
         np.testing.assert_array_equal(x[:n], want_x)
         np.testing.assert_array_equal(y[:n], want_y)
-        np.testing.assert_array_equal(w, [1] * n + [0] * (len(x) - n))
+        np.testing.assert_allclose(w, [len(x) / n] * n + [0] * (len(x) - n))
         np.testing.assert_array_equal(x[n:], want_x[:len(x) - n])  # copies of real rows: a valid input, weighted 0
+
+
+def test_a_filled_batch_has_the_loss_of_the_batch_itself(tmp_path):
+    import tf_keras as keras
+
+    source = _source(tmp_path)
+    x, y, w = list(inputs.dataset(source, 0, 1, replicas=2).as_numpy_iterator())[-1]  # 3 rows filled to 4
+    predicted = np.array([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.3, 0.3, 0.4], [0.5, 0.25, 0.25]], np.float32)
+    loss = keras.losses.CategoricalCrossentropy()  # Keras's default reduction: the weighted sum over the row count
+    want = loss(source.batch(0, 2)[1], predicted[:3]).numpy()
+    assert loss(y, predicted, sample_weight=w).numpy() == pytest.approx(want, rel=1e-6)
+
+
+def test_unweighted_means_give_the_epochs_mean_through_the_filled_fraction(tmp_path):
+    import tf_keras as keras
+
+    source = _source(tmp_path)  # batches of 4, 4 and 3 rows: 12 rows once filled for 2 replicas
+    assert inputs.filled_fraction(source, 2) == 11 / 12 and inputs.filled_fraction(source, 1) == 1
+    loss = keras.losses.CategoricalCrossentropy()
+    rng = np.random.default_rng(1)
+    total, rows, own = 0.0, 0, []
+    for x, y, w in inputs.dataset(source, 0, 1, replicas=2, batch_means=False).as_numpy_iterator():
+        predicted = rng.dirichlet(np.ones(3), len(y)).astype(np.float32)
+        total += float(loss(y, predicted, sample_weight=w)) * len(y)  # what Keras's epoch mean adds up
+        rows += len(y)
+        own += [(y[i], predicted[i]) for i in range(len(y)) if w[i] > 0]
+    want = float(loss(np.array([t for t, _ in own]), np.array([p for _, p in own])))
+    assert total / rows / inputs.filled_fraction(source, 2) == pytest.approx(want, rel=1e-6)

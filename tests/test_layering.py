@@ -14,11 +14,12 @@ PACKAGE_ROOT = Path(__file__).resolve().parent.parent / "pipeline"
 
 # Lowest first. A module may import modules of its own layer and of the layers below it, never above.
 LAYERS = (
-    ("leaves", ("pipeline", "pipeline.environment", "pipeline.errors", "pipeline.fileio", "pipeline.quiet",
-                "pipeline.progress", "pipeline.code_deps", "pipeline.backbones", "pipeline.backbones.*",
-                "pipeline.export.formats", "pipeline.data", "pipeline.train", "pipeline.export", "pipeline.checkers",
-                "pipeline.reporting", "pipeline.cache", "pipeline.confidence")),
-    ("core", ("pipeline.config", "pipeline.catalog", "pipeline.cache.*", "pipeline.stages", "pipeline.runner")),
+    ("leaves", ("pipeline", "pipeline.environment", "pipeline.errors", "pipeline.fileio", "pipeline.processes",
+                "pipeline.quiet", "pipeline.progress", "pipeline.code_deps", "pipeline.backbones",
+                "pipeline.backbones.*", "pipeline.export.formats", "pipeline.data", "pipeline.train", "pipeline.export",
+                "pipeline.checkers", "pipeline.reporting", "pipeline.cache", "pipeline.confidence")),
+    ("core", ("pipeline.config", "pipeline.catalog", "pipeline.cache.*", "pipeline.stages", "pipeline.local_workers",
+              "pipeline.runner")),
     ("wings", ("pipeline.data.*", "pipeline.checkers.*", "pipeline.reporting.*", "pipeline.confidence.*")),
     ("training and export", ("pipeline.train.*", "pipeline.export.*")),
     ("stages", ("pipeline.stages.*",)),

@@ -48,10 +48,12 @@ def test_a_second_fit_that_learns_the_same_writes_the_same_files(tmp_path):
 def test_time_budget_stops_before_an_epoch_that_would_end_after_it(monkeypatch):
     from types import SimpleNamespace
 
+    import tensorflow as tf
+
     clock = iter([0.0, 0.0, 100.0, 100.0, 210.0])  # start; epoch 1 from 0 to 100 s; epoch 2 from 100 to 210 s
     monkeypatch.setattr(training.time, "monotonic", lambda: next(clock))
     budget = training._callbacks()[1](250 / 60)
-    budget.set_model(SimpleNamespace(stop_training=False))
+    budget.set_model(SimpleNamespace(stop_training=False, distribute_strategy=tf.distribute.get_strategy()))
     budget.on_epoch_begin(0)
     budget.on_epoch_end(0)
     assert not budget.model.stop_training  # 100 s run, another 100 s ends at 200 s: inside the 250 s
@@ -146,3 +148,11 @@ def test_balanced_class_weight_reaches_keras(tmp_path, monkeypatch):
     training.fit(head, (x, y), data(seed=1), TrainHeadConfig(epochs=1, batch_size=16, class_weight="balanced"),
                  TrainFiles(tmp_path))
     assert seen["class_weight"] == pytest.approx({0: 64 / (3 * 40), 1: 64 / (3 * 16), 2: 64 / (3 * 8)})
+
+
+def test_own_rows_accuracy_counts_each_row_of_positive_weight_once():
+    y = np.eye(3, dtype=np.float32)[[0, 1, 2, 0]]
+    predicted = np.eye(3, dtype=np.float32)[[0, 2, 2, 1]]  # rows 0 and 2 right
+    metric = training.own_rows_accuracy()
+    metric.update_state(y, predicted, sample_weight=np.array([1.5, 1.5, 1.5, 0.0], np.float32))
+    assert metric.name == "accuracy" and float(metric.result()) == pytest.approx(2 / 3)  # row 3 is a filler

@@ -92,3 +92,25 @@ class FeatureStore:
         for old in entries[max(self.keep - len(keep_keys), 0):]:
             log.info("feature store: removing the least recently used entry %s", old)
             shutil.rmtree(old, ignore_errors=True)
+
+
+class ChiefsStore(FeatureStore):
+    """A worker's view of the chief worker's feature store, when several worker processes run one training stage:
+    every entry is read from the chief's store once the chief has stored it. This worker computes and writes
+    none (the chief computes each entry once), so it waits for them; its launcher stops it if the chief fails."""
+
+    def __init__(self, chiefs, poll=0.5):
+        super().__init__(chiefs.root, chiefs.keep)
+        self.poll = poll
+
+    def get(self, key):
+        """The folder of entry `key`, once the chief has stored it."""
+        while not (self.folder(key) / ENTRY).is_file():
+            time.sleep(self.poll)
+        return self.folder(key)
+
+    def make_several(self, keys, make):
+        raise RuntimeError("a worker that is not the chief computes no feature-store entry")
+
+    def remove_leftovers(self):
+        """Nothing: the leftovers are the chief's to remove."""

@@ -11,12 +11,11 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
-from pipeline import quiet
+from pipeline import processes, quiet
 from pipeline.errors import ExportError, PipelineError
 from pipeline.export.formats import FORMATS
 
@@ -104,7 +103,7 @@ def worker_pool(initializer=None, initargs=()):
 
 
 def _start_child(parent_pid, initializer, initargs):
-    threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
+    processes.exit_with_parent(parent_pid)
     if initializer is not None:
         initializer(*initargs)
 
@@ -140,14 +139,6 @@ def _start_worker(model_path, verbose):
     quiet.configure(verbose)
     quiet.load_tensorflow()  # with its start-up lines held back, as in the stage's own process
     _worker["model"] = models.load(model_path)
-
-
-def _exit_with_parent(parent_pid, every=0.5):
-    """End this worker as soon as the stage's process is gone, however it ended (SIGKILL included): orphaned, the
-    worker would be adopted by another process, and multiprocessing's resource tracker would live on with it."""
-    while os.getppid() == parent_pid:
-        time.sleep(every)
-    os._exit(1)
 
 
 def _convert(name, meta, path, calibration):

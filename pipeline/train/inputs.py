@@ -11,14 +11,17 @@ from __future__ import annotations
 import numpy as np
 
 
-def dataset(source, first_epoch=0, epochs=1, replicas=1):
+def dataset(source, first_epoch=0, epochs=1, replicas=1, batch_means=True):
     """The batches of epochs `first_epoch` .. `epochs - 1` of `source`, in order, as one tf.data.Dataset whose
     cardinality is their count; the next batch is read while the current one trains.
 
     With `replicas` > 1, tf.distribute splits each batch among them, and a short last batch could leave a replica
     none, which oneDNN's kernels cannot take (an empty batch there fails as a wrong channel count). Each batch then
     comes with sample weights (inputs, labels, weights), filled up to a multiple of `replicas` with copies of its
-    first rows weighted 0: they change no metric, and the loss of that one batch only by its mean's divisor.
+    first rows weighted 0 (`own_rows_accuracy` in pipeline.train.training counts only the others). Keras divides a
+    batch's weighted loss by its row count, fillers included; `batch_means` weights the batch's own rows
+    (filled size / own size), so that its loss and gradient are its own rows' mean, as in one process (training);
+    else 1, so that an epoch's weighted losses add up to its own rows' sum (validation: see `filled_fraction`).
     """
     import tensorflow as tf
 
@@ -30,7 +33,8 @@ def dataset(source, first_epoch=0, epochs=1, replicas=1):
         if replicas == 1:
             return inputs, labels
         fill = np.arange(-len(inputs) % replicas) % len(inputs)
-        weights = np.concatenate([np.ones(len(inputs), np.float32), np.zeros(len(fill), np.float32)])
+        own = (len(inputs) + len(fill)) / len(inputs) if batch_means else 1.0
+        weights = np.concatenate([np.full(len(inputs), own, np.float32), np.zeros(len(fill), np.float32)])
         return np.concatenate([inputs, inputs[fill]]), np.concatenate([labels, labels[fill]]), weights
 
     def typed(epoch, i):
@@ -46,3 +50,11 @@ def dataset(source, first_epoch=0, epochs=1, replicas=1):
     # Each batch is read whole where the dataset runs; tf.distribute splits it among the replicas.
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return batches.with_options(options).prefetch(1)
+
+
+def filled_fraction(source, replicas):
+    """Own rows / all rows of one epoch of `source` once its batches are filled up for `replicas`: Keras's epoch
+    loss on batches weighted as `dataset(..., batch_means=False)` makes them, divided by this, is the own rows'
+    mean. The same every epoch, as every epoch's batches have the same sizes."""
+    sizes = [len(source.picked(0, i)) for i in range(len(source))]
+    return sum(sizes) / sum(n + (-n % replicas) for n in sizes)

@@ -35,17 +35,20 @@ def latest(folder):
 
 
 def _stateful(callbacks):
-    """{name: (callback, the attributes it carries between epochs)} of the callbacks that need restoring."""
+    """{name: (callback, the attributes it carries between epochs)} of the callbacks that need restoring: Keras's
+    by type, the pipeline's own by their `RESUMED` (name, attributes)."""
     import tf_keras as keras
 
     kinds = {keras.callbacks.EarlyStopping: ("early_stopping", ("wait", "best", "best_epoch")),
-             keras.callbacks.ReduceLROnPlateau: ("plateau", ("wait", "best", "cooldown_counter")),
-             keras.callbacks.ModelCheckpoint: ("checkpoint", ("best",))}
+             keras.callbacks.ReduceLROnPlateau: ("plateau", ("wait", "best", "cooldown_counter"))}
     found = {}
     for callback in callbacks:
         for kind, (name, attributes) in kinds.items():
             if isinstance(callback, kind):
                 found[name] = (callback, attributes)
+        if hasattr(callback, "RESUMED"):
+            name, attributes = callback.RESUMED
+            found[name] = (callback, attributes)
     return found
 
 
@@ -59,7 +62,7 @@ class EpochBackup(_backup_base()):
     """Back up the training state after every epoch into `folder`, and restore it when training begins.
 
     callbacks: the fit's other callbacks (those with state are found by type); budget: the TimeBudget;
-    checkpoint: the file ModelCheckpoint writes the best epoch's weights to; epochs: the planned epochs.
+    checkpoint: the file BestWeights writes the best epoch's weights to; epochs: the planned epochs.
     Put it after the callbacks whose state it saves, and before any that reports an epoch as done.
     """
 

@@ -5,11 +5,13 @@ import logging
 import math
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 from pipeline import fileio
 from pipeline.data import balance
+from pipeline.errors import TrainingError
 from pipeline.progress import Progress
 from pipeline.train import distribute, inputs
 from pipeline.train.resume import EpochBackup
@@ -62,12 +64,43 @@ def _callbacks():
         def on_epoch_end(self, epoch, logs=None):
             now = time.monotonic()
             self.longest = max(self.longest, now - self.epoch_start)
-            if self.seconds is not None and now - self.start + self.longest > self.seconds:
+            # Every worker process stops after the same epoch, or the others would wait for it forever.
+            if self.seconds is not None and distribute.any_worker(self.model.distribute_strategy,
+                                                                  now - self.start + self.longest > self.seconds):
                 log.warning("time budget of %.1f min: another epoch (up to %.1f min) would end after it; stopping "
                             "after epoch %d and keeping the best epoch", self.seconds / 60, self.longest / 60,
                             epoch + 1)
                 self.stopped_at = epoch + 1
                 self.model.stop_training = True
+
+    class BestWeights(keras.callbacks.Callback):
+        """Write the weights of the best epoch so far by validation accuracy to `path`. Unlike Keras's
+        ModelCheckpoint, which keeps a non-chief worker's file only while writing it, every worker keeps its own."""
+
+        RESUMED = ("checkpoint", ("best",))  # what a resumed run restores (pipeline.train.resume)
+
+        def __init__(self, path):
+            super().__init__()
+            self.path, self.best = str(path), -np.inf
+
+        def on_epoch_end(self, epoch, logs=None):
+            current = (logs or {}).get("val_accuracy")
+            if current is not None and current > self.best:
+                self.best = float(current)
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+                self.model.save_weights(self.path, overwrite=True)
+
+    class ValidationLoss(keras.callbacks.Callback):
+        """Make the validation loss of batches filled up for several replicas (pipeline.train.inputs) the mean
+        over the validation rows themselves: Keras's figure divided by their share of all rows."""
+
+        def __init__(self, own_fraction):
+            super().__init__()
+            self.own_fraction = own_fraction
+
+        def on_epoch_end(self, epoch, logs=None):
+            if logs is not None and "val_loss" in logs:
+                logs["val_loss"] = float(logs["val_loss"]) / self.own_fraction
 
     class EpochSeeds(keras.callbacks.Callback):
         """Reseed every random layer's generator (Dropout's) at the start of each epoch from (seed, epoch, layer):
@@ -113,7 +146,21 @@ def _callbacks():
             shown = ", ".join(f"{k} {v:.4g}" for k, v in (logs or {}).items())
             log.info("epoch %d/%d in %.0fs: %s", epoch + 1, self.epochs, time.monotonic() - self.start, shown)
 
-    return keras, TimeBudget, LearningRate, EpochLog, EpochSeeds
+    return keras, TimeBudget, LearningRate, EpochLog, EpochSeeds, BestWeights, ValidationLoss
+
+
+def own_rows_accuracy():
+    """Keras's categorical accuracy (named `accuracy`) over the rows with a weight above 0, each counted once."""
+    import tensorflow as tf
+    import tf_keras as keras
+
+    class OwnRowsAccuracy(keras.metrics.CategoricalAccuracy):
+        def update_state(self, y_true, y_pred, sample_weight=None):
+            if sample_weight is not None:
+                sample_weight = tf.cast(sample_weight > 0, y_pred.dtype)
+            return super().update_state(y_true, y_pred, sample_weight)
+
+    return OwnRowsAccuracy(name="accuracy")
 
 
 def keras_verbose():
@@ -160,20 +207,24 @@ def fit(model, train, validation, section, files, backup=None, **fit_kwargs):
     a run killed before the end goes on at the next epoch (pipeline.train.resume); None: no backup. Returns a
     summary dict of the run.
     """
-    keras, TimeBudget, LearningRate, EpochLog, EpochSeeds = _callbacks()
+    keras, TimeBudget, LearningRate, EpochLog, EpochSeeds, BestWeights, ValidationLoss = _callbacks()
     loss = keras.losses.CategoricalCrossentropy(label_smoothing=section.label_smoothing)
     x, y = train if isinstance(train, tuple) else (train, None)
     placement = distribute.describe(model.distribute_strategy, section.batch_size, section.learning_rate)
     batch_size = placement["global_batch_size"]  # a batch source is made with it; arrays are batched here
     steps_per_epoch = len(x) if y is None else math.ceil(len(x) / batch_size)
-    model.compile(optimizer=_optimizer(keras, section, steps_per_epoch), loss=loss, metrics=["accuracy"])
+    # Batches filled up for the replicas (pipeline.train.inputs) weight their rows; accuracy counts their own rows.
+    # Made in the strategy's scope, its counts are summed over every replica, as a metric named in compile is.
+    with model.distribute_strategy.scope():
+        accuracy = {"weighted_metrics": [own_rows_accuracy()]} if y is None and placement["replicas"] > 1 else {
+            "metrics": ["accuracy"]}
+    model.compile(optimizer=_optimizer(keras, section, steps_per_epoch), loss=loss, **accuracy)
     budget = TimeBudget(section.max_minutes)
     callbacks = [
         EpochSeeds(section.seed),
         *_schedule_callbacks(keras, section),
         LearningRate(),
-        keras.callbacks.ModelCheckpoint(str(files.checkpoint), monitor="val_accuracy", mode="max",
-                                        save_best_only=True, save_weights_only=True, verbose=0),
+        BestWeights(files.checkpoint),
         keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=section.patience,
                                       restore_best_weights=True, verbose=0),
         budget,
@@ -192,6 +243,10 @@ def fit(model, train, validation, section, files, backup=None, **fit_kwargs):
     seed_everything(section.seed)
     restored = backer.restore() if backer is not None else None
     done = restored["epoch"] if restored else 0
+    if not distribute.same_in_every_worker(model.distribute_strategy, done):
+        raise TrainingError(f"this worker's backup goes on after epoch {done}, another's after another epoch (a "
+                            f"worker killed while the others backed up); remove the folder {backup} on every "
+                            "machine, or every artifacts folder's .resume, and run again to start training over")
     t0 = time.monotonic()
     rows = list(restored["history"]) if restored else []
     if not (restored and restored["finished"]):
@@ -199,8 +254,10 @@ def fit(model, train, validation, section, files, backup=None, **fit_kwargs):
             # A batch source draws each epoch's order from its seed and the epoch, so the dataset can start at
             # the resumed epoch; Keras's own shuffling would draw from NumPy's global generator, which cannot.
             replicas = placement["replicas"]
+            if replicas > 1:  # before every callback that reads the validation loss
+                callbacks.insert(0, ValidationLoss(inputs.filled_fraction(validation, replicas)))
             x, validation = (inputs.dataset(x, done, section.epochs, replicas),
-                             inputs.dataset(validation, replicas=replicas))
+                             inputs.dataset(validation, replicas=replicas, batch_means=False))
             fit_kwargs["steps_per_epoch"] = steps_per_epoch
         history = model.fit(x, y, validation_data=validation, epochs=section.epochs, initial_epoch=done,
                             callbacks=callbacks, batch_size=batch_size if y is not None else None,

@@ -1,0 +1,97 @@
+"""One worker process of a training stage that several run together (pipeline.local_workers starts them).
+
+Usage, by the launcher only: `python -m pipeline.train.worker JOB_FOLDER INDEX PARENT_PID`, with `TF_CONFIG` naming
+this worker's place in the cluster. The strategy is made first, before any other TensorFlow operation (collective
+operations can be configured only then); then the stage's own `run(ctx)` runs as in one process. Worker 0, the
+chief, has the runner's context; the others a private copy of it (pipeline.local_workers). Every worker leaves the
+digest of its final weights, or the message of the pipeline error it stopped on, in the job folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import logging
+import os
+import pickle
+import shutil
+import sys
+from pathlib import Path
+
+from pipeline import fileio, local_workers, processes, quiet
+from pipeline.cache.feature_store import ChiefsStore
+from pipeline.errors import PipelineError
+from pipeline.train import distribute
+
+
+def private_context(context, root):
+    """A non-chief worker's StageContext: outputs in `root`, the chief's feature-store entries read (never made),
+    and a copy of the chief's backup to resume from, written on by this worker alone."""
+    out = type(context.out)(root / "out")
+    out.root.mkdir(parents=True)
+    backup = None
+    if context.backup is not None:
+        backup = root / "backup"
+        if context.backup.is_dir():  # hard links: a backup's files are replaced, never rewritten in place
+            shutil.copytree(context.backup, backup, copy_function=os.link)
+    return dataclasses.replace(context, out=out, store=ChiefsStore(context.store), backup=backup)
+
+
+def weights_digest(path):
+    """SHA-256 of the weight arrays in the Keras HDF5 file `path`, in the order of their names."""
+    import h5py
+    import numpy as np
+
+    digest = hashlib.sha256()
+    with h5py.File(path, "r") as h5:
+        arrays = []
+        h5.visititems(lambda name, item: arrays.append(name) if isinstance(item, h5py.Dataset) else None)
+        for name in sorted(arrays):
+            digest.update(name.encode() + np.ascontiguousarray(h5[name][()]).tobytes())
+    return digest.hexdigest()
+
+
+def _setup_logging(level, index):
+    handler = logging.StreamHandler(sys.stderr)
+    prefix = "" if index == 0 else f"[worker {index}] "
+    handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname).1s {prefix}%(message)s", "%H:%M:%S"))
+    root = logging.getLogger("pipeline")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def main(argv):
+    """Run worker `argv[1]` of the job in folder `argv[0]`; exit 0 when its share is done, 3 on a pipeline error."""
+    job, index, parent = Path(argv[0]), int(argv[1]), int(argv[2])
+    processes.exit_with_parent(parent)
+    spec = pickle.loads((job / local_workers.JOB).read_bytes())
+    level = spec["log_level"]
+    _setup_logging(level if index == 0 else max(level, logging.WARNING), index)  # the chief speaks for all
+    quiet.configure(level <= logging.DEBUG)
+    context = spec["context"]
+    try:
+        with quiet.native_stderr():
+            chosen = distribute.strategy(context.cfg.distribute)
+        if index != 0:
+            context = private_context(context, local_workers.private_root(job, index))
+        summary = importlib.import_module(spec["module"]).run(context)
+        digest = weights_digest(context.out.model)
+        distribute.any_worker(chosen, True)  # no worker ends while another may still need it
+        fileio.write_json(local_workers.result_file(job, index), {"summary": summary, "weights": digest})
+    except PipelineError as exc:
+        fileio.write_json(local_workers.error_file(job, index), {"type": type(exc).__name__, "message": str(exc)})
+        _exit(3)
+    _exit(0)
+
+
+def _exit(code):
+    # Without waiting for TensorFlow's collective runtime to shut down, which can hang (tensorflow#35878).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
