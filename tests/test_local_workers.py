@@ -27,9 +27,10 @@ TWO_WORKERS = ("--set", "distribute.strategy=multi_worker", "--set", "distribute
 # Plain SGD without dropout: each step moves the weights by the learning rate times the gradient, so the float32
 # rounding of one sum against another stays at that size. (Adam divides by the gradient's running size, so where
 # the smoke model learns nothing its steps follow the rounding's signs, and two correct runs drift apart.)
+# A second augmented view, which no run has cached yet: the workers compute it together, each a share.
 LINEAR = [a for key in ("train_head", "finetune") for a in (
     "--set", f"{key}.optimizer=sgd", "--set", f"{key}.learning_rate=0.1", "--set", f"{key}.epochs=2")] + [
-    "--set", "model.dropout=0"]
+    "--set", "model.dropout=0", "--set", "train_head.augmented_views=2"]
 
 
 def _batch(size):
@@ -68,14 +69,15 @@ def _run(world, tmp_path, name, *overrides):
                              cwd=REPO, capture_output=True, text=True, timeout=600, start_new_session=True)
     assert process.returncode == 0, process.stderr[-3000:]
     assert ran(SimpleNamespace(stderr=process.stderr)) == ["train-head", "finetune"]
-    return artifacts
+    return artifacts, process.stderr
 
 
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the worker processes in /proc")
 def test_two_local_workers_learn_what_one_process_learns_with_the_same_global_batch(world, tmp_path):
-    workers = _run(world, tmp_path, "workers", *TWO_WORKERS, *LINEAR, *_batch(4))
-    one = _run(world, tmp_path, "one", *LINEAR, *_batch(8))
-    other_batch = _run(world, tmp_path, "other-batch", *LINEAR, *_batch(4))
+    workers, log = _run(world, tmp_path, "workers", *TWO_WORKERS, *LINEAR, *_batch(4))
+    assert "computed augmented view 2 of the training images (share 1/2)" in log  # the chief's share of it
+    one, _ = _run(world, tmp_path, "one", *LINEAR, *_batch(8))
+    other_batch, _ = _run(world, tmp_path, "other-batch", *LINEAR, *_batch(4))
     assert _workers_alive() == []
     for stage in ("train-head", "finetune"):
         manifest = json.loads((workers / stage / "manifest.json").read_text())

@@ -125,3 +125,41 @@ def test_an_output_not_stored_yet_is_computed_beside_the_stored_one(tmp_path, im
     (x, _), (a, _) = _outputs(store, model, [features, activations], [split_view("val")])
     assert model.batches == 1 and a.shape == (7, 4) and x.shape == (7, 1)
     np.testing.assert_array_equal(a.rows(range(7)), (2 * images["val"]).astype(np.float16))
+
+
+def test_workers_compute_missing_entries_together_and_store_what_one_process_would(tmp_path, images):
+    import threading
+
+    from pipeline.cache.feature_store import ChiefsStore
+
+    features, activations = Output("features", "w"), Output("activations", "w-lower", "float16")
+    views = training_views(True, 0, seed=0)
+    alone = _outputs(ViewStore(FeatureStore(tmp_path / "alone"), UPSTREAM, MODEL), _TwoOutputs(),
+                     [features, activations], views)
+    barrier = threading.Barrier(2, timeout=60)
+    stores = [FeatureStore(tmp_path / "store"), ChiefsStore(FeatureStore(tmp_path / "store"))]
+    models, got = [_TwoOutputs(), _TwoOutputs()], [None, None]
+
+    def work(index):
+        stores[index].group = view_store.SharedWork(index, 2, tmp_path / "shares", barrier.wait)
+        got[index] = _outputs(ViewStore(stores[index], UPSTREAM, MODEL), models[index], [features, activations],
+                              views)
+
+    threads = [threading.Thread(target=work, args=(index,)) for index in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert [m.batches for m in models] == [2, 2]  # each view's 2 batches shared out: one each, not two each
+    for (x, y), (a, _) in got:
+        np.testing.assert_array_equal(x.rows(range(80)), alone[0][0].rows(range(80)))
+        np.testing.assert_array_equal(a.rows(range(80)), alone[1][0].rows(range(80)))
+        np.testing.assert_array_equal(y, alone[0][1])
+    assert len(list((tmp_path / "store").glob("view-*"))) == 4  # the chief stored each entry once
+    assert not any((tmp_path / "shares").iterdir())  # and removed the shares
+
+
+def test_a_workers_share_is_its_contiguous_part_of_the_batches():
+    shares = [list(view_store.SharedWork(k, 3, None, None).share(10)) for k in range(3)]
+    assert shares == [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
+    assert [list(view_store.SharedWork(k, 2, None, None).share(1)) for k in range(2)] == [[], [0]]

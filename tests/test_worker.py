@@ -45,3 +45,13 @@ def test_the_weights_digest_sees_every_value_and_nothing_else(tmp_path):
     assert worker.weights_digest(_h5(tmp_path / "b.h5", dict(reversed(arrays.items())))) == first  # order written
     arrays["dense/bias:0"][1] = np.float32(1e-7)
     assert worker.weights_digest(_h5(tmp_path / "c.h5", arrays)) != first
+
+
+def test_local_workers_share_the_cores_this_process_may_run_on():
+    import json
+
+    cores = len(os.sched_getaffinity(0))
+    cluster = {"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "task": {"type": "worker", "index": 1}}
+    assert worker.cores_per_worker({"TF_CONFIG": json.dumps(cluster)}) == max(1, cores // 2)
+    cluster["cluster"]["worker"] *= cores  # more workers than cores: one thread each
+    assert worker.cores_per_worker({"TF_CONFIG": json.dumps(cluster)}) == 1

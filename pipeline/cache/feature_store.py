@@ -28,6 +28,9 @@ ENTRY = "entry.json"
 class FeatureStore:
     """A folder of entries, each a folder of files computed once for one key."""
 
+    group = None
+    """Worker processes that compute its entries together (pipeline.train.view_store.SharedWork), or None."""
+
     def __init__(self, root, keep=24):
         self.root, self.keep = Path(root), keep
 
@@ -45,11 +48,7 @@ class FeatureStore:
         folder = self.folder(key)
         if not folder.exists():
             return None
-        try:
-            entry = read_manifest(folder, ENTRY, "files")
-            problem = "no entry.json" if entry is None else first_difference(folder, entry["files"])
-        except (OSError, ValueError) as exc:
-            problem = str(exc)
+        problem = _problem(folder)
         if problem:
             log.warning("feature store entry %s is incomplete or altered (%s); computing it again", folder, problem)
             shutil.rmtree(folder, ignore_errors=True)
@@ -96,21 +95,29 @@ class FeatureStore:
 
 class ChiefsStore(FeatureStore):
     """A worker's view of the chief worker's feature store, when several worker processes run one training stage:
-    every entry is read from the chief's store once the chief has stored it. This worker computes and writes
-    none (the chief computes each entry once), so it waits for them; its launcher stops it if the chief fails."""
+    entries are read from the chief's store, and this worker writes none there (the chief stores what the workers
+    compute together: pipeline.train.view_store)."""
 
-    def __init__(self, chiefs, poll=0.5):
+    def __init__(self, chiefs):
         super().__init__(chiefs.root, chiefs.keep)
-        self.poll = poll
 
     def get(self, key):
-        """The folder of entry `key`, once the chief has stored it."""
-        while not (self.folder(key) / ENTRY).is_file():
-            time.sleep(self.poll)
-        return self.folder(key)
+        """The folder of entry `key` if the chief has stored it whole, else None (as the chief's own `get` decides,
+        but reading only: an altered entry is left to the chief to remove)."""
+        folder = self.folder(key)
+        return folder if folder.exists() and not _problem(folder) else None
 
     def make_several(self, keys, make):
-        raise RuntimeError("a worker that is not the chief computes no feature-store entry")
+        raise RuntimeError("a worker that is not the chief writes no feature-store entry")
 
     def remove_leftovers(self):
         """Nothing: the leftovers are the chief's to remove."""
+
+
+def _problem(folder):
+    """What is wrong with the entry in `folder` (no entry.json, a file altered or missing), or None."""
+    try:
+        entry = read_manifest(folder, ENTRY, "files")
+        return "no entry.json" if entry is None else first_difference(folder, entry["files"])
+    except (OSError, ValueError) as exc:
+        return str(exc)

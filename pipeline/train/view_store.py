@@ -9,12 +9,17 @@ changed later reuses all of them. An entry's key holds everything its numbers de
 computes them, ingest's and augment's outputs (the images, splits and preprocessing), the model settings that
 shape the backbone, the digest of the weights of the layers that compute it, the view (with its seed when it is
 random) and the dtype. Every entry is computed in batches of CACHE_BATCH images, whatever the training batch
-size, so one key is always one computation.
+size, so one key is always one computation. Worker processes of one machine that train together (the feature
+store's `group`, a SharedWork) compute each missing entry together, each a share of its batches, which the chief
+joins into the entry.
 """
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -76,6 +81,37 @@ def activations_output(cut, lower):
     return Output(f"the activations at {cut}", models.weights_digest(lower), "float16")
 
 
+@dataclass
+class SharedWork:
+    """Worker processes on one machine computing feature-store entries together: this one's `index` (0: the chief,
+    which alone writes the store) of `count`, the `folder` they share for their parts, and `barrier`, which returns
+    once every worker has called it."""
+
+    index: int
+    count: int
+    folder: Path
+    barrier: Callable[[], object]
+
+    def share(self, n):
+        """This worker's batches of `n`: a contiguous range, the shares in worker order."""
+        return range(n * self.index // self.count, n * (self.index + 1) // self.count)
+
+
+class BatchRange:
+    """The batches `batch_numbers` (a range) of `batches` (of `batch_size` images), as activations.write_view reads."""
+
+    def __init__(self, batches, batch_numbers, batch_size):
+        self.batches, self.numbers = batches, batch_numbers
+        start, stop = batch_numbers.start * batch_size, batch_numbers.stop * batch_size
+        self.paths = batches.paths[start:stop] if len(batch_numbers) else []
+
+    def __len__(self):
+        return len(self.numbers)
+
+    def __getitem__(self, i):
+        return self.batches[self.numbers[i]]
+
+
 class ViewStore:
     """The feature store seen as (output, view) entries for one dataset and backbone configuration."""
 
@@ -103,7 +139,13 @@ class ViewStore:
             for i, folder in enumerate(folders):
                 if folder is not None:
                     log.info("reusing %s of the %s computed by an earlier run", outputs[i].name, view.name)
-            if missing:
+            group = getattr(self.store, "group", None)
+            if missing and group is not None:
+                batches = split_batches(ingest, augment, view.split, size, CACHE_BATCH, **view.options)
+                made = self._together(group, model, outputs, [keys[i] for i in missing], missing, view, batches)
+                for i, folder in zip(missing, made):
+                    folders[i] = folder
+            elif missing:
                 batches = split_batches(ingest, augment, view.split, size, CACHE_BATCH, **view.options)
 
                 def make(made, batches=batches, missing=missing, view=view):
@@ -120,3 +162,39 @@ class ViewStore:
                 found[output].append(ViewFiles(folder))
         return [(StackedArrays([ArrayFile(files.outputs) for files in found[output]]),
                  np.concatenate([np.load(files.labels) for files in found[output]])) for output in outputs]
+
+    def _together(self, group, model, outputs, keys, missing, view, batches):
+        """Compute the entries `keys` (of outputs `missing`) of `view` with the other workers of `group`: each writes
+        its share of the batches into the shared folder; the chief joins the shares into the entries."""
+        parts = group.folder / keys[0]
+        mine = parts / f"part-{group.index}"
+        mine.mkdir(parents=True, exist_ok=True)
+        targets = [None] * len(outputs)
+        for i in missing:
+            targets[i] = (mine / f"output-{i}.npy", outputs[i].dtype)
+        share = BatchRange(batches, group.share(len(batches)), CACHE_BATCH)
+        np.save(mine / "labels.npy", write_view(model, f"{view.name} (share {group.index + 1}/{group.count})",
+                                                share, targets))
+        group.barrier()  # every share written
+        if group.index == 0:
+            shares = [parts / f"part-{k}" for k in range(group.count)]
+
+            def join(made):
+                for i, folder in zip(missing, made):
+                    files = ViewFiles(folder)
+                    pieces = [np.load(share / f"output-{i}.npy", mmap_mode="r") for share in shares]
+                    joined = np.lib.format.open_memmap(files.outputs, mode="w+", dtype=pieces[0].dtype,
+                                                       shape=(sum(len(p) for p in pieces), *pieces[0].shape[1:]))
+                    row = 0
+                    for piece in pieces:
+                        joined[row:row + len(piece)] = piece
+                        row += len(piece)
+                    joined.flush()
+                    del joined
+                    np.save(files.labels, np.concatenate([np.load(share / "labels.npy") for share in shares]))
+
+            self.store.make_several(keys, join)
+        group.barrier()  # the entries stored
+        if group.index == 0:
+            shutil.rmtree(parts, ignore_errors=True)
+        return [self.store.folder(key) for key in keys]

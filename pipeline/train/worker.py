@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib
+import json
 import logging
 import os
 import pickle
@@ -22,10 +23,11 @@ from pipeline import fileio, local_workers, processes, quiet
 from pipeline.cache.feature_store import ChiefsStore
 from pipeline.errors import PipelineError
 from pipeline.train import distribute
+from pipeline.train.view_store import SharedWork
 
 
 def private_context(context, root):
-    """A non-chief worker's StageContext: outputs in `root`, the chief's feature-store entries read (never made),
+    """A non-chief worker's StageContext: outputs in `root`, the chief's feature-store entries read (never stored),
     and a copy of the chief's backup to resume from, written on by this worker alone."""
     out = type(context.out)(root / "out")
     out.root.mkdir(parents=True)
@@ -51,6 +53,19 @@ def weights_digest(path):
     return digest.hexdigest()
 
 
+def cores_per_worker(environ=os.environ):
+    """This process's share of the cores it may run on, when TF_CONFIG's workers all run on this machine."""
+    workers = len(json.loads(environ["TF_CONFIG"])["cluster"]["worker"])
+    return max(1, len(os.sched_getaffinity(0)) // workers)
+
+
+def _share_the_cores():
+    # TensorFlow sizes its thread pool to every core; N such processes on one machine would oversubscribe it N times.
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(cores_per_worker())
+
+
 def _setup_logging(level, index):
     handler = logging.StreamHandler(sys.stderr)
     prefix = "" if index == 0 else f"[worker {index}] "
@@ -72,9 +87,13 @@ def main(argv):
     context = spec["context"]
     try:
         with quiet.native_stderr():
+            _share_the_cores()
             chosen = distribute.strategy(context.cfg.distribute)
         if index != 0:
             context = private_context(context, local_workers.private_root(job, index))
+        # The workers compute the feature-store entries they need together, each a share.
+        context.store.group = SharedWork(index, distribute.workers(chosen), job / "shards",
+                                         lambda: distribute.any_worker(chosen, True))
         summary = importlib.import_module(spec["module"]).run(context)
         digest = weights_digest(context.out.model)
         distribute.any_worker(chosen, True)  # no worker ends while another may still need it
