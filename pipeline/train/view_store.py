@@ -139,14 +139,9 @@ class ViewStore:
             for i, folder in enumerate(folders):
                 if folder is not None:
                     log.info("reusing %s of the %s computed by an earlier run", outputs[i].name, view.name)
-            group = getattr(self.store, "group", None)
-            if missing and group is not None:
+            if missing:
                 batches = split_batches(ingest, augment, view.split, size, CACHE_BATCH, **view.options)
-                made = self._together(group, model, outputs, [keys[i] for i in missing], missing, view, batches)
-                for i, folder in zip(missing, made):
-                    folders[i] = folder
-            elif missing:
-                batches = split_batches(ingest, augment, view.split, size, CACHE_BATCH, **view.options)
+                group = getattr(self.store, "group", None)
 
                 def make(made, batches=batches, missing=missing, view=view):
                     targets = [None] * len(outputs)
@@ -156,7 +151,9 @@ class ViewStore:
                     for folder in made:
                         np.save(ViewFiles(folder).labels, labels)
 
-                for i, folder in zip(missing, self.store.make_several([keys[i] for i in missing], make)):
+                made = (self.store.make_several([keys[i] for i in missing], make) if group is None else
+                        self._together(group, model, outputs, [keys[i] for i in missing], missing, view, batches))
+                for i, folder in zip(missing, made):
                     folders[i] = folder
             for output, folder in zip(outputs, folders):
                 found[output].append(ViewFiles(folder))
