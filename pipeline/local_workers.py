@@ -51,6 +51,11 @@ def error_file(job, index):
     return Path(job) / f"error-{index}.json"
 
 
+def traceback_file(job, index):
+    """Where worker `index` leaves the traceback of an unexpected exception it stopped on."""
+    return Path(job) / f"traceback-{index}.txt"
+
+
 def private_root(job, index):
     """The folder of a worker other than the chief: its own outputs, backups and temporary files."""
     return Path(job) / f"worker-{index}"
@@ -108,13 +113,14 @@ def free_ports(n):
 
 
 def _wait(processes, poll, grace):
-    """The index of the first worker that failed, or None once all have ended well."""
+    """The index of the worker whose failure stopped the run, or None once all have ended well. A worker killed by
+    a signal comes first: the others' collective operations then fail too, as a consequence."""
     first_done = None
     while True:
         codes = [process.poll() for process in processes]
-        for index, code in enumerate(codes):
-            if code not in (None, 0):
-                return index
+        failed = [index for index, code in enumerate(codes) if code not in (None, 0)]
+        if failed:
+            return min(failed, key=lambda index: (codes[index] > 0, index))
         if all(code == 0 for code in codes):
             return None
         if first_done is None and 0 in codes:
@@ -131,6 +137,8 @@ def _failure(stage, job, index, process, backup):
         found = fileio.read_json(error_file(job, index))
         kind = getattr(errors, found["type"], errors.PipelineError)
         return kind(found["message"])
+    if code is not None and code > 0 and traceback_file(job, index).is_file():
+        sys.stderr.write(traceback_file(job, index).read_text())
     if code is None:
         how = "did not end after the others had finished"
     elif code < 0:

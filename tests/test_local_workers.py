@@ -89,6 +89,9 @@ def test_two_local_workers_learn_what_one_process_learns_with_the_same_global_ba
         for name in ("history.csv",):
             rows = {run: list(csv.DictReader(open(run / stage / name))) for run in (workers, one)}
             assert [r["val_accuracy"] for r in rows[workers]] == [r["val_accuracy"] for r in rows[one]]
+            # The validation loss over the validation images themselves, filler rows out: as one process has it.
+            np.testing.assert_allclose([float(r["val_loss"]) for r in rows[workers]],
+                                       [float(r["val_loss"]) for r in rows[one]], rtol=1e-5)
         # The same sums in another order: each worker's gradient over its half batch, then the two added, against
         # one sum over the batch; float32 rounding (6e-8 relative) at each of the steps (about 50 in the two
         # stages), carried into the weights a step at a time: within 1e-5 relative. A wrong split or scaling
@@ -205,3 +208,15 @@ def test_a_workers_own_pipeline_error_is_raised_as_itself(tmp_path):
     local_workers.error_file(tmp_path, 0).write_text(json.dumps({"type": "ConfigError", "message": "key 'x' is bad"}))
     error = local_workers._failure("train-head", tmp_path, 0, _ended(3), None)
     assert isinstance(error, ConfigError) and str(error) == "key 'x' is bad"
+
+
+def test_a_worker_killed_by_a_signal_is_blamed_before_those_its_death_broke():
+    ended = [SimpleNamespace(poll=lambda code=code: code) for code in (1, -signal.SIGKILL, None)]
+    assert local_workers._wait(ended, 0, 1) == 1
+    assert local_workers._wait([SimpleNamespace(poll=lambda: 0), SimpleNamespace(poll=lambda: 1)], 0, 1) == 1
+
+
+def test_a_workers_traceback_is_shown_with_its_failure(tmp_path, capsys):
+    local_workers.traceback_file(tmp_path, 1).write_text("Traceback (most recent call last):\nValueError: x\n")
+    error = local_workers._failure("finetune", tmp_path, 1, _ended(1), None)
+    assert "ValueError: x" in capsys.readouterr().err and "its traceback is above" in str(error)

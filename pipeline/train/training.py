@@ -92,7 +92,8 @@ def _callbacks():
 
     class ValidationLoss(keras.callbacks.Callback):
         """Make the validation loss of batches filled up for several replicas (pipeline.train.inputs) the mean
-        over the validation rows themselves: Keras's figure divided by their share of all rows."""
+        over the validation rows themselves: Keras's figure is their loss summed over all rows, filler rows
+        included, plus the weights' regularization loss, so the first part is divided by their share of all rows."""
 
         def __init__(self, own_fraction):
             super().__init__()
@@ -100,7 +101,8 @@ def _callbacks():
 
         def on_epoch_end(self, epoch, logs=None):
             if logs is not None and "val_loss" in logs:
-                logs["val_loss"] = float(logs["val_loss"]) / self.own_fraction
+                penalty = sum(float(keras.backend.get_value(loss)) for loss in self.model.losses)
+                logs["val_loss"] = (float(logs["val_loss"]) - penalty) / self.own_fraction + penalty
 
     class EpochSeeds(keras.callbacks.Callback):
         """Reseed every random layer's generator (Dropout's) at the start of each epoch from (seed, epoch, layer):

@@ -17,6 +17,7 @@ import os
 import pickle
 import shutil
 import sys
+import traceback
 from pathlib import Path
 
 from pipeline import fileio, local_workers, processes, quiet
@@ -101,6 +102,9 @@ def main(argv):
     except PipelineError as exc:
         fileio.write_json(local_workers.error_file(job, index), {"type": type(exc).__name__, "message": str(exc)})
         _exit(3)
+    except Exception:  # the launcher shows it, unless another worker's death caused it (a broken collective)
+        fileio.write_text(local_workers.traceback_file(job, index), traceback.format_exc())
+        _exit(1)
     _exit(0)
 
 
