@@ -247,14 +247,8 @@ def format_status(rows, columns=("stage", "state", "why", "last_run", "took", "o
     return "\n".join(line.rstrip() for line in lines)
 
 
-def _setup_logging(verbose, quiet):
-    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(message)s", "%H:%M:%S"))
-    root = logging.getLogger("pipeline")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
+def _setup_logging(verbose, quiet_flag):
+    quiet.log_to_stderr(logging.DEBUG if verbose else logging.WARNING if quiet_flag else logging.INFO)
 
 
 def main():

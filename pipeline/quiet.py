@@ -5,7 +5,8 @@ longer silences "oneDNN custom operations are on", "Could not find cuda drivers"
 and TFLite prints "Created TensorFlow Lite XNNPACK delegate" from C. Those are written to file descriptor 2
 directly, so they can only be held back by pointing that descriptor elsewhere while they happen. coremltools
 and tf2onnx log through Python's logging, and coremltools draws tqdm bars for its passes (turned off by
-TQDM_DISABLE, set in pipeline/__init__.py before tqdm is imported; our own bars ask for themselves).
+TQDM_DISABLE, set in pipeline/__init__.py before tqdm is imported; our own bars ask for themselves). The
+pipeline's own log lines go to stderr in one format, set up by `log_to_stderr` in every process that logs.
 """
 from __future__ import annotations
 
@@ -20,6 +21,16 @@ import warnings
 LIBRARY_LOGGERS = ("tensorflow", "absl", "coremltools", "tf2onnx", "onnx", "h5py", "matplotlib", "PIL")
 
 _verbose = False
+
+
+def log_to_stderr(level, prefix=""):
+    """Send the pipeline's log lines of `level` and above to stderr as `HH:MM:SS L <prefix>message`."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname).1s {prefix}%(message)s", "%H:%M:%S"))
+    root = logging.getLogger("pipeline")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
 
 
 def configure(verbose):

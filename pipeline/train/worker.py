@@ -67,23 +67,16 @@ def _share_the_cores():
     tf.config.threading.set_intra_op_parallelism_threads(cores_per_worker())
 
 
-def _setup_logging(level, index):
-    handler = logging.StreamHandler(sys.stderr)
-    prefix = "" if index == 0 else f"[worker {index}] "
-    handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname).1s {prefix}%(message)s", "%H:%M:%S"))
-    root = logging.getLogger("pipeline")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
-
-
 def main(argv):
     """Run worker `argv[1]` of the job in folder `argv[0]`; exit 0 when its share is done, 3 on a pipeline error."""
     job, index, parent = Path(argv[0]), int(argv[1]), int(argv[2])
     processes.exit_with_parent(parent)
     spec = pickle.loads((job / local_workers.JOB).read_bytes())
     level = spec["log_level"]
-    _setup_logging(level if index == 0 else max(level, logging.WARNING), index)  # the chief speaks for all
+    if index == 0:  # the chief speaks for all; the others say only what goes wrong
+        quiet.log_to_stderr(level)
+    else:
+        quiet.log_to_stderr(max(level, logging.WARNING), f"[worker {index}] ")
     quiet.configure(level <= logging.DEBUG)
     context = spec["context"]
     try:
