@@ -1,8 +1,12 @@
 """Cached activations: written batch by batch to .npy, read back by rows, and drawn per epoch from a bank of views."""
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 
-from pipeline.train.activations import ArrayFile, CachedBatches, StackedArrays, write_outputs, write_view
+from pipeline.train.activations import ArrayFile, ArrayWriter, CachedBatches, StackedArrays, write_outputs, write_view
 
 
 def test_array_file_reads_rows_in_any_order(tmp_path):
@@ -16,6 +20,69 @@ def test_array_file_reads_rows_in_any_order(tmp_path):
     np.testing.assert_array_equal(head.rows([3, 1]), a[[3, 1]])
     f.close()
 
+
+
+def test_array_writer_writes_what_np_save_writes(tmp_path):
+    a = np.random.default_rng(0).normal(size=(7, 3, 2)).astype(np.float32)
+    with ArrayWriter(tmp_path / "w.npy", "float16", a.shape) as w:
+        w.append(a[:3])
+        w.append(a[3:3])
+        w.append(a[3:])
+    np.save(tmp_path / "s.npy", a.astype(np.float16))
+    assert (tmp_path / "w.npy").read_bytes() == (tmp_path / "s.npy").read_bytes()
+
+
+def test_array_writer_refuses_rows_that_do_not_fit_and_a_short_file(tmp_path):
+    with pytest.raises(ValueError, match="do not fit"):
+        with ArrayWriter(tmp_path / "w.npy", "float32", (2, 3)) as w:
+            w.append(np.zeros((1, 4)))
+    with pytest.raises(ValueError, match="do not fit"):
+        with ArrayWriter(tmp_path / "w.npy", "float32", (2, 3)) as w:
+            w.append(np.zeros((3, 3)))
+    with pytest.raises(ValueError, match="1 of 2 rows written"):
+        with ArrayWriter(tmp_path / "w.npy", "float32", (2, 3)) as w:
+            w.append(np.zeros((1, 3)))
+
+
+def test_array_file_reads_blocks_and_reports_a_file_cut_short(tmp_path):
+    a = np.arange(24, dtype=np.int16).reshape(6, 2, 2)
+    np.save(tmp_path / "a.npy", a)
+    f = ArrayFile(tmp_path / "a.npy")
+    np.testing.assert_array_equal(f.block(1, 4), a[1:4])
+    assert f.block(6, 6).shape == (0, 2, 2)
+    with pytest.raises(IndexError):
+        f.block(5, 7)
+    f.close()
+    data = (tmp_path / "a.npy").read_bytes()
+    (tmp_path / "a.npy").write_bytes(data[:-8])  # the last row gone, as a crash mid-write leaves it
+    with pytest.raises(ValueError, match="shorter than its header"):
+        ArrayFile(tmp_path / "a.npy").block(0, 6)
+
+
+def test_writing_outputs_keeps_memory_to_a_batch_whatever_the_file_size(tmp_path):
+    """Peak memory while writing 512 MB of outputs stays far below the file's size (a memory-mapped file being
+    written counts every page it touches as the process's own)."""
+    script = textwrap.dedent(f"""
+        import resource, numpy as np
+        import tf_keras as keras
+        from pipeline.train.activations import write_outputs
+        class Batches:  # 32 batches of 64 rows
+            paths = range(2048)
+            def __len__(self):
+                return 32
+            def __getitem__(self, i):
+                return np.ones((64, 4), np.float32), np.eye(3, dtype=np.float32)[np.zeros(64, int)]
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(65536)])
+        model(np.ones((64, 4), np.float32))
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        write_outputs(model, [("x", Batches())], {str(tmp_path / "big.npy")!r}, "float32")
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "big.npy").stat().st_size >= 512 * 2 ** 20
+    grown_mb = int(done.stdout.split()[-1])
+    assert grown_mb < 128, f"peak memory grew by {grown_mb} MB while writing a 512 MB file"
 
 class _Batches:
     """Stands in for ImageBatches: a few (images, one-hot labels) batches."""

@@ -2,10 +2,12 @@
 
 Cached training (the head on pooled features, the upper blocks on a cut point's activations) computes these
 once and trains on them for many epochs. They are written batch by batch and read back row by row with
-plain file reads, so memory holds one batch at a time however large the dataset grows.
+plain file writes and reads, never mapped (a mapped file's pages count as the process's memory once touched),
+so memory holds one batch at a time however large the dataset grows.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -61,10 +63,24 @@ class ArrayFile:
         part.__dict__.update(self.__dict__, shape=(n, *self.shape[1:]), _fd=None)
         return part
 
-    def rows(self, indices):
-        """The rows at `indices`, in that order, as one array."""
+    def _open(self):
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
+        return self._fd
+
+    def block(self, start, stop):
+        """Rows `start` .. `stop - 1` as one array, read in one go."""
+        if not 0 <= start <= stop <= self.shape[0]:
+            raise IndexError(f"{self.path}: rows {start}..{stop} of {self.shape[0]}")
+        size = (stop - start) * self.row_bytes
+        data = os.pread(self._open(), size, self.offset + start * self.row_bytes)
+        if len(data) != size:
+            raise ValueError(f"{self.path} is shorter than its header says ({self.shape[0]} rows): remove it")
+        return np.frombuffer(data, self.dtype).reshape(stop - start, *self.shape[1:]).copy()
+
+    def rows(self, indices):
+        """The rows at `indices`, in that order, as one array."""
+        self._open()
         out = np.empty((len(indices), *self.shape[1:]), self.dtype)
         flat = out.reshape(len(indices), -1).view(np.uint8)
         for k, i in enumerate(indices):
@@ -82,6 +98,49 @@ class ArrayFile:
         """Close the file and delete it (a stage's cache, once trained on)."""
         self.close()
         os.unlink(self.path)
+
+
+class ArrayWriter:
+    """A 2+-dimensional `.npy` file of a known shape written in blocks of rows, in order, with plain file writes.
+
+    Use as a context manager: leaving it with fewer rows written than the shape says is an error. A file left
+    short by a crash has a header promising rows that are not there (ArrayFile.block reports it); the feature
+    store publishes an entry's files only once they are closed whole.
+    """
+
+    def __init__(self, path, dtype, shape):
+        self.path, self.dtype, self.shape = path, np.dtype(dtype), tuple(int(n) for n in shape)
+        self.written = 0
+        self._file = open(path, "wb")
+        np.lib.format.write_array_header_1_0(self._file, {"descr": np.lib.format.dtype_to_descr(self.dtype),
+                                                          "fortran_order": False, "shape": self.shape})
+
+    def append(self, rows):
+        """Write `rows` (converted to the file's dtype) after the rows written so far."""
+        rows = np.ascontiguousarray(rows, dtype=self.dtype)
+        if rows.shape[1:] != self.shape[1:] or self.written + len(rows) > self.shape[0]:
+            raise ValueError(f"{self.path}: rows of shape {rows.shape} do not fit after {self.written} of "
+                             f"{self.shape}")
+        self._file.write(rows.data)
+        self.written += len(rows)
+
+    def close(self):
+        """Close the file; an error if fewer rows were written than its shape says."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self.written != self.shape[0]:
+            raise ValueError(f"{self.path}: {self.written} of {self.shape[0]} rows written")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, trace):
+        if error is None:
+            self.close()
+        elif self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 class StackedArrays:
@@ -150,15 +209,12 @@ def write_outputs(model, batch_sources, path, dtype):
     `batch_sources` is a list of (name, ImageBatches). Returns an ArrayFile and the class index of each row.
     """
     total = sum(len(batches.paths) for _, batches in batch_sources)
-    array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(total, *_output_shapes(model)[0][1:]))
-    labels, row = [], 0
-    for name, batches in batch_sources:
-        for (out, *_), classes in _forward(model, name, batches):
-            array[row:row + len(out)] = out.astype(dtype)
-            labels.append(classes)
-            row += len(out)
-    array.flush()
-    del array
+    labels = []
+    with ArrayWriter(path, dtype, (total, *_output_shapes(model)[0][1:])) as array:
+        for name, batches in batch_sources:
+            for (out, *_), classes in _forward(model, name, batches):
+                array.append(out)
+                labels.append(classes)
     return ArrayFile(path), np.concatenate(labels)
 
 
@@ -168,19 +224,16 @@ def write_view(model, name, batches, targets):
     targets: one per model output, (path of the `.npy` to write, dtype), or None for an output not kept.
     Returns the class index of each row.
     """
-    arrays = [None if target is None else
-              np.lib.format.open_memmap(target[0], mode="w+", dtype=target[1], shape=(len(batches.paths), *shape[1:]))
-              for target, shape in zip(targets, _output_shapes(model))]
-    labels, row = [], 0
-    for outputs, classes in _forward(model, name, batches):
-        for array, out, target in zip(arrays, outputs, targets):
-            if array is not None:
-                array[row:row + len(out)] = out.astype(target[1])
-        labels.append(classes)
-        row += len(classes)
-    for array in arrays:
-        if array is not None:
-            array.flush()
+    labels = []
+    with contextlib.ExitStack() as stack:
+        arrays = [None if target is None else
+                  stack.enter_context(ArrayWriter(target[0], target[1], (len(batches.paths), *shape[1:])))
+                  for target, shape in zip(targets, _output_shapes(model))]
+        for outputs, classes in _forward(model, name, batches):
+            for array, out in zip(arrays, outputs):
+                if array is not None:
+                    array.append(out)
+            labels.append(classes)
     return np.concatenate(labels) if labels else np.zeros(0, np.int64)
 
 

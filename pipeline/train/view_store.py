@@ -27,7 +27,7 @@ from pipeline import code_deps, fileio
 from pipeline.catalog import ViewFiles
 from pipeline.data.augmentation import split_batches
 from pipeline.train import models
-from pipeline.train.activations import ArrayFile, StackedArrays, write_view
+from pipeline.train.activations import ArrayFile, ArrayWriter, StackedArrays, write_view
 
 log = logging.getLogger("pipeline.train.view_store")
 
@@ -179,15 +179,13 @@ class ViewStore:
             def join(made):
                 for i, folder in zip(missing, made):
                     files = ViewFiles(folder)
-                    pieces = [np.load(share / f"output-{i}.npy", mmap_mode="r") for share in shares]
-                    joined = np.lib.format.open_memmap(files.outputs, mode="w+", dtype=pieces[0].dtype,
-                                                       shape=(sum(len(p) for p in pieces), *pieces[0].shape[1:]))
-                    row = 0
-                    for piece in pieces:
-                        joined[row:row + len(piece)] = piece
-                        row += len(piece)
-                    joined.flush()
-                    del joined
+                    pieces = [ArrayFile(share / f"output-{i}.npy") for share in shares]
+                    with ArrayWriter(files.outputs, pieces[0].dtype,
+                                     (sum(len(p) for p in pieces), *pieces[0].shape[1:])) as joined:
+                        for piece in pieces:
+                            for start in range(0, len(piece), CACHE_BATCH):
+                                joined.append(piece.block(start, min(start + CACHE_BATCH, len(piece))))
+                            piece.close()
                     np.save(files.labels, np.concatenate([np.load(share / "labels.npy") for share in shares]))
 
             self.store.make_several(keys, join)
