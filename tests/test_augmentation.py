@@ -38,3 +38,16 @@ def test_a_fixed_view_reads_epoch_zero_in_index_order(tmp_path):
     np.testing.assert_array_equal(plain[1][0], plain.batch(0, 1)[0])
     # the mirror view is each image flipped left to right, preprocessing (x / 127.5 - 1) being per pixel
     np.testing.assert_array_equal(mirrored[1][0], plain[1][0][:, :, ::-1, :])
+
+
+def test_some_positions_of_a_batch_are_those_rows_of_the_whole_batch(tmp_path):
+    batches = _batches(tmp_path, augment=True, shuffle=True, seed=3)
+    whole_x, whole_y = batches.batch(2, 1)
+    part_x, part_y = batches.batch(2, 1, [3, 1])  # each image keeps the transform it has in the whole batch
+    np.testing.assert_array_equal(part_x, whole_x[[3, 1]])
+    np.testing.assert_array_equal(part_y, whole_y[[3, 1]])
+
+
+def test_only_unaugmented_batches_may_be_read_from_several_threads(tmp_path):
+    # Keras's random_transform seeds NumPy's global generator and draws from it: threads would share it
+    assert _batches(tmp_path).thread_safe and not _batches(tmp_path, augment=True).thread_safe

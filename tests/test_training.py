@@ -150,6 +150,31 @@ def test_balanced_class_weight_reaches_keras(tmp_path, monkeypatch):
     assert seen["class_weight"] == pytest.approx({0: 64 / (3 * 40), 1: 64 / (3 * 16), 2: 64 / (3 * 8)})
 
 
+
+def test_balanced_class_weight_of_a_batch_source_is_in_its_batches_weights(tmp_path, monkeypatch):
+    from pipeline.train.activations import ArrayFile, CachedBatches
+
+    x, _ = data()
+    labels = np.array([0] * 40 + [1] * 16 + [2] * 8)
+    np.save(tmp_path / "x.npy", x)
+    source = CachedBatches(ArrayFile(tmp_path / "x.npy"), labels, 3, 16, shuffle=True, seed=2)
+    validation = CachedBatches(ArrayFile(tmp_path / "x.npy"), labels, 3, 16)
+    head = models.build_head(ModelConfig(), 3, 8)
+    seen = {}
+    real_fit = type(head).fit
+
+    def fit(self, x, *args, **kwargs):
+        seen.update(kwargs, first=next(iter(x)))
+        return real_fit(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(type(head), "fit", fit)
+    training.fit(head, source, validation, TrainHeadConfig(epochs=1, batch_size=16, class_weight="balanced"),
+                 TrainFiles(tmp_path / "out"))
+    assert seen.get("class_weight") is None  # not Keras's: it cannot map a distributed dataset
+    _, y, weights = (np.asarray(t) for t in seen["first"])
+    balanced = np.array([64 / (3 * 40), 64 / (3 * 16), 64 / (3 * 8)])  # scikit-learn's n / (classes * count)
+    np.testing.assert_allclose(weights, balanced[y.argmax(axis=1)], rtol=1e-6)
+
 def test_own_rows_accuracy_counts_each_row_of_positive_weight_once():
     y = np.eye(3, dtype=np.float32)[[0, 1, 2, 0]]
     predicted = np.eye(3, dtype=np.float32)[[0, 2, 2, 1]]  # rows 0 and 2 right

@@ -58,20 +58,29 @@ class ImageBatches(BatchSource):
         self.row_shape = (size, size, 3)
         super().__init__(class_indices(rows, classes), len(classes), batch_size, shuffle, seed, oversample)
 
-    def images(self, i, epoch=0):
-        """Batch i of epoch `epoch` as float32 pixels 0-255 after augmentation, before preprocessing."""
+    @property
+    def thread_safe(self):
+        """Whether batches may be read from several threads: not when augmenting, as Keras's `random_transform`
+        seeds and draws from NumPy's global generator."""
+        return not self.augment
+
+    def images(self, i, epoch=0, positions=None):
+        """Batch i of epoch `epoch` as float32 pixels 0-255 after augmentation, before preprocessing; with
+        `positions`, only the images at those positions of the batch (transformed as in the whole batch)."""
         picked = self.picked(epoch, i)
-        batch = np.stack([load_array(self.paths[j], self.size) for j in picked]).astype(np.float32)
+        positions = np.arange(len(picked)) if positions is None else np.asarray(positions, dtype=int)
+        batch = np.stack([load_array(self.paths[j], self.size) for j in picked[positions]]).astype(np.float32)
         if self.flip:
             batch = batch[:, :, ::-1, :]
         if self.augment:
             rng = np.random.default_rng([self.seed, epoch, i])
-            batch = np.stack([self.generator.random_transform(x, seed=int(rng.integers(1 << 31))) for x in batch])
-        return batch, self.labels[picked]
+            seeds = [int(rng.integers(1 << 31)) for _ in picked]  # one per image of the whole batch, in order
+            batch = np.stack([self.generator.random_transform(x, seed=seeds[k]) for x, k in zip(batch, positions)])
+        return batch, self.labels[picked[positions]]
 
-    def batch(self, epoch, i):
-        """Batch `i` of epoch `epoch`: (preprocessed images, one-hot labels)."""
-        batch, labels = self.images(i, epoch)
+    def batch(self, epoch, i, positions=None):
+        """Batch `i` of epoch `epoch`: (preprocessed images, one-hot labels); with `positions`, only those rows."""
+        batch, labels = self.images(i, epoch, positions)
         batch = np.stack([self.generator.standardize(x) for x in batch])
         return batch, one_hot(labels, self.n_classes)
 

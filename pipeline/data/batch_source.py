@@ -18,8 +18,12 @@ class BatchSource:
 
     labels: each row's class index. `shuffle` reorders every epoch; `oversample` repeats the smaller classes' rows in
     every epoch up to the largest class's count. A subclass that reads only some rows each epoch overrides `_rows`.
-    `batch(epoch, i)` reads the rows `picked(epoch, i)`; `batches[i]` is batch i of epoch 0 (a fixed view's batches).
+    `batch(epoch, i)` reads the rows `picked(epoch, i)` (`batch(epoch, i, positions)` only those at `positions` of
+    the batch, which are the same rows whatever else is read); `batches[i]` is batch i of epoch 0 (a fixed view's
+    batches). `thread_safe`: whether batches may be read from several threads at once.
     """
+
+    thread_safe = True
 
     def __init__(self, labels, n_classes, batch_size, shuffle=False, seed=0, oversample=False):
         self.labels, self.n_classes = np.asarray(labels), n_classes
@@ -33,7 +37,8 @@ class BatchSource:
 
     def order(self, epoch):
         """The rows epoch `epoch` (from 0) reads, in its order."""
-        if self._order[0] != epoch:
+        cached, order = self._order  # one read: tf.data may ask from several threads at once
+        if cached != epoch:
             rng = np.random.default_rng([self.seed, epoch])
             order = self._rows(rng)
             if self.oversample:
@@ -41,7 +46,7 @@ class BatchSource:
             if self.shuffle:
                 rng.shuffle(order)
             self._order = (epoch, order)
-        return self._order[1]
+        return order
 
     def picked(self, epoch, i):
         """The rows of batch `i` of epoch `epoch`."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
 
 import numpy as np
@@ -19,6 +20,7 @@ from pipeline.data.batch_source import BatchSource
 from pipeline.progress import Progress
 
 log = logging.getLogger("pipeline.train.activations")
+_OPENING = threading.Lock()
 
 
 def view_specs(flip_view, augmented_views):
@@ -64,8 +66,9 @@ class ArrayFile:
         return part
 
     def _open(self):
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
+        with _OPENING:  # tf.data may read batches from several threads at once
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY)
         return self._fd
 
     def block(self, start, stop):
@@ -278,8 +281,10 @@ class CachedBatches(BatchSource):
         picks = np.argsort(rng.random((n_images, self.n_views)), axis=1)[:, :self.views_per_epoch]
         return (picks * n_images + np.arange(n_images)[:, None]).ravel()
 
-    def batch(self, epoch, i):
-        """Batch `i` of epoch `epoch`: (rows as float32, one-hot labels)."""
+    def batch(self, epoch, i, positions=None):
+        """Batch `i` of epoch `epoch`: (rows as float32, one-hot labels); with `positions`, only those rows."""
         # Reading in file order is faster; the batch's composition, not its order, is what shuffling sets.
         picked = np.sort(self.picked(epoch, i))
+        if positions is not None:
+            picked = picked[np.asarray(positions, dtype=int)]
         return self.array.rows(picked).astype(np.float32), one_hot(self.labels[picked], self.n_classes)

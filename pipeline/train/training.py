@@ -238,10 +238,11 @@ def fit(model, train, validation, section, files, backup=None, **fit_kwargs):
         callbacks.append(backer)
     if keras_verbose() == 0:
         callbacks.append(EpochLog(section.epochs, steps_per_epoch))  # after LearningRate: the line shows lr
+    class_weights = None
     if section.class_weight == "balanced":
         labels = x.labels if y is None else np.asarray(y).argmax(axis=1)
         n_classes = x.n_classes if y is None else np.asarray(y).shape[1]
-        fit_kwargs["class_weight"] = balance.class_weights(labels, n_classes)
+        class_weights = balance.class_weights(labels, n_classes)
     seed_everything(section.seed)
     restored = backer.restore() if backer is not None else None
     done = restored["epoch"] if restored else 0
@@ -255,12 +256,15 @@ def fit(model, train, validation, section, files, backup=None, **fit_kwargs):
         if y is None:
             # A batch source draws each epoch's order from its seed and the epoch, so the dataset can start at
             # the resumed epoch; Keras's own shuffling would draw from NumPy's global generator, which cannot.
-            replicas = placement["replicas"]
+            strategy, replicas = model.distribute_strategy, placement["replicas"]
             if replicas > 1:  # before every callback that reads the validation loss
                 callbacks.insert(0, ValidationLoss(inputs.filled_fraction(validation, replicas)))
-            x, validation = (inputs.dataset(x, done, section.epochs, replicas),
-                             inputs.dataset(validation, replicas=replicas, batch_means=False))
+                fit_kwargs["validation_steps"] = len(validation)  # a distributed dataset has no cardinality
+            x, validation = (inputs.distributed(strategy, x, done, section.epochs, class_weights=class_weights),
+                             inputs.distributed(strategy, validation, batch_means=False))
             fit_kwargs["steps_per_epoch"] = steps_per_epoch
+        elif class_weights is not None:  # arrays; a batch source's batches carry them in their sample weights
+            fit_kwargs["class_weight"] = class_weights
         history = model.fit(x, y, validation_data=validation, epochs=section.epochs, initial_epoch=done,
                             callbacks=callbacks, batch_size=batch_size if y is not None else None,
                             shuffle=y is not None, verbose=keras_verbose(), **fit_kwargs)
