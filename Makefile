@@ -16,6 +16,8 @@ make_venv_with = $(if $(1),$(if $(filter $(PY_SUPPORTED),$(2)),,$(error $(PY_NEE
 	$(if $(2),Python $(2),not a Python that runs)$(PY_OTHER))),$(error $(PY_NEEDS) $(PY_NONE)))$(1) -m venv $(VENV)
 VENV := .venv
 STAMP := $(VENV)/.installed
+# The package's extras installed with it; CI adds `cluster` (Ray Train) so that its test runs too.
+EXTRAS ?= test
 CONFIG ?= configs/multisnacks.yaml
 # In this workplace the dataset and the ImageNet weights sit in ../shared; elsewhere pass DATA=... or let
 # the pipeline download them (see README).
@@ -50,7 +52,7 @@ check-platforms: $(STAMP)
 $(STAMP): pyproject.toml
 	$(if $(wildcard $(VENV)/bin/python),,$(call make_venv,$(PYTHON)))
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
+	$(VENV)/bin/python -m pip install --quiet -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 clean:

@@ -70,7 +70,7 @@ def test_every_platform_gets_tensorflow_and_never_tensorflow_cpu_beside_it(targe
 def test_gpu_extra_adds_the_cuda_build_on_linux_only(python):
     assert TF_CUDA in requirements(cp.LINUX_X86_64_GPU, python)
     assert TF_CUDA not in requirements(cp.LINUX_X86_64, python)  # not without the extra
-    mac_gpu = requirements(cp.MACOS_ARM64, python, extras=("test", "gpu"))
+    mac_gpu = requirements(cp.MACOS_ARM64, python, extras=("test", "cluster", "gpu"))
     assert mac_gpu == requirements(cp.MACOS_ARM64, python)  # the extra's marker is false on macOS
 
 
@@ -78,7 +78,7 @@ def test_every_other_pin_is_the_same_everywhere():
     tensorflows = {TF_CUDA}
     lists = [[r for r in requirements(t, py) if r not in tensorflows] for t in cp.TARGETS for py in PYTHONS]
     assert all(reqs == lists[0] for reqs in lists)
-    assert "pytest==9.2.0" in lists[0]  # the test extra is resolved too
+    assert "pytest==9.2.0" in lists[0] and "ray[train]==2.60.0" in lists[0]  # the test and cluster extras too
     assert all("==" in r for r in lists[0])  # all pinned
 
 

@@ -17,13 +17,14 @@ LAYERS = (
     ("leaves", ("pipeline", "pipeline.environment", "pipeline.errors", "pipeline.fileio", "pipeline.processes",
                 "pipeline.quiet", "pipeline.progress", "pipeline.code_deps", "pipeline.backbones",
                 "pipeline.backbones.*", "pipeline.export.formats", "pipeline.data", "pipeline.train", "pipeline.export",
-                "pipeline.checkers", "pipeline.reporting", "pipeline.cache", "pipeline.confidence")),
+                "pipeline.checkers", "pipeline.reporting", "pipeline.cache", "pipeline.confidence",
+                "pipeline.cluster")),
     ("core", ("pipeline.config", "pipeline.catalog", "pipeline.cache.*", "pipeline.stages", "pipeline.local_workers",
               "pipeline.runner")),
     ("wings", ("pipeline.data.*", "pipeline.checkers.*", "pipeline.reporting.*", "pipeline.confidence.*")),
     ("training and export", ("pipeline.train.*", "pipeline.export.*")),
     ("stages", ("pipeline.stages.*",)),
-    ("commands", ("pipeline.sweep", "pipeline.predict", "pipeline.cli", "pipeline.__main__")),
+    ("commands", ("pipeline.sweep", "pipeline.predict", "pipeline.cli", "pipeline.__main__", "pipeline.cluster.*")),
 )
 
 

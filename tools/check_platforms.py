@@ -82,7 +82,7 @@ class Target:
     platform_machine: str
     platform_release: str
     platform_version: str
-    extras: tuple[str, ...] = ("test",)
+    extras: tuple[str, ...] = ("test", "cluster")
 
 
 MACOS_ARM64 = Target("macos-arm64", "macOS 14+ arm64", (MACOS_TAG,), "darwin", "Darwin", "arm64",
@@ -90,7 +90,7 @@ MACOS_ARM64 = Target("macos-arm64", "macOS 14+ arm64", (MACOS_TAG,), "darwin", "
 LINUX_X86_64 = Target("linux-x86_64", f"Linux x86_64 glibc 2.{LINUX_GLIBC_MINOR}", manylinux_tags("x86_64"),
                       "linux", "Linux", "x86_64", "6.1.0", "#1 SMP")
 LINUX_X86_64_GPU = Target("linux-x86_64-gpu", f"{LINUX_X86_64.label} +gpu", LINUX_X86_64.platforms, "linux",
-                          "Linux", "x86_64", "6.1.0", "#1 SMP", extras=("test", "gpu"))
+                          "Linux", "x86_64", "6.1.0", "#1 SMP", extras=("test", "gpu", "cluster"))
 TARGETS = (MACOS_ARM64, LINUX_X86_64, LINUX_X86_64_GPU)
 
 
