@@ -53,7 +53,7 @@ def _read(way, source, epoch, count, replicas):
     from pipeline.train import inputs
 
     parts = inputs.dataset(source, epoch, epoch + 1, replicas=replicas).take(count * replicas)
-    return sum(int(x.shape[0]) for x, _, _ in parts)
+    return sum(int(element[0].shape[0]) for element in parts)  # (inputs, labels[, weights])
 
 
 if __name__ == "__main__":

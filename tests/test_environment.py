@@ -78,7 +78,9 @@ def test_training_batches_reuse_freed_memory_instead_of_faulting_it_in_again():
 
     kept, default = faults("1"), faults("0")
     pages = 40 * 32 * 16 * 16 * 112 * 4 // 4096  # one pass over the float32 batches
-    assert kept < pages / 4 < default, (kept, default)
+    # Measured alone: 7,200-8,600 faults kept, 93,000 by default (2.6 passes); up to 9,500 kept beside a loaded
+    # test suite, so half a pass, not a quarter, is where the two are told apart.
+    assert kept < pages / 2 < default, (kept, default)
 
 
 def test_malloc_is_left_alone_off_linux_or_when_asked(monkeypatch):
