@@ -20,7 +20,7 @@ from pipeline.predict import RUNNABLE
 from pipeline.runner import Runner, stage_names
 from pipeline.stages import STAGES
 from pipeline.stages import export as export_stage
-from pipeline.train import distribute
+from pipeline.train import distribute, view_store
 
 log = logging.getLogger("pipeline")
 
@@ -148,7 +148,10 @@ def _execute(ctx, results, **_):
             # A cluster from TF_CONFIG: this process is one of its workers, and its strategy has to exist before
             # TensorFlow runs any other operation.
             with quiet.native_stderr():
-                distribute.strategy(cfg.distribute)
+                chosen = distribute.strategy(cfg.distribute)
+            # The machines compute the feature-store entries they need together, each a share, and exchange them.
+            runner.store.group = view_store.across_machines(chosen, runner.store)
+            runner.any_worker = lambda flag: distribute.any_worker(chosen, flag)
         if targets or any(kind in ("verify", "predict", "sweep") for kind, _ in results):
             quiet.load_tensorflow()
         if targets:

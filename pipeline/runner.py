@@ -61,6 +61,11 @@ class Runner:
     a sweep's combinations share the main artifacts' store.
     """
 
+    any_worker = None
+    """In a cluster whose every machine runs this command (TF_CONFIG): `any_worker(flag)`, whether `flag` holds in
+    any of their processes, so that a stage that trains together (under the `distribute` section) runs in all of
+    them when one needs it; None in one process."""
+
     def __init__(self, cfg, artifacts="artifacts", store=None):
         self.cfg = cfg
         self.catalog = Catalog(artifacts)
@@ -129,6 +134,11 @@ class Runner:
         for stage in upstream_closure(targets):
             status = self.freshness(stage)
             forced = stage.name in force
+            if self.any_worker is not None and "distribute" in stage.sections:
+                needed = self.any_worker(status.state != "fresh" or forced)
+                if needed and status.state == "fresh" and not forced:
+                    log.info("%-10s fresh here, but another machine of the cluster runs it", stage.name)
+                    forced = True
             if status.state == "fresh" and not forced:
                 log.info("%-10s fresh, skipping (ran %s, took %s)", stage.name,
                          status.manifest.get("finished", "?"), _duration(status.manifest.get("duration_s")))

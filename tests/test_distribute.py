@@ -110,23 +110,32 @@ def test_the_training_stages_run_mirrored_from_the_config(world, tmp_path):
 
 def test_machines_of_a_tf_config_cluster_each_run_the_command_and_end_with_the_same_model(world, tmp_path):
     from pipeline import local_workers
+    from pipeline.catalog import Catalog, ViewFiles
+    from pipeline.train.activations import ArrayFile
     from pipeline.train.worker import weights_digest
+
+    def store(artifacts):
+        return Catalog(artifacts).feature_store
 
     addresses = [f"127.0.0.1:{port}" for port in local_workers.free_ports(2)]
     processes = []
     for index in range(2):  # two "machines": each its own artifacts folder, its place in the cluster from TF_CONFIG
         artifacts = tmp_path / f"machine-{index}"
         shutil.copytree(world["artifacts"], artifacts)
+        if index == 1:  # a machine new to the cluster: no feature computed yet
+            shutil.rmtree(store(artifacts))
         cluster = {"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}}
         command = [sys.executable, "-m", "pipeline", *base_args(world, artifacts), "--set",
                    "distribute.strategy=multi_worker", "finetune"]
         processes.append((artifacts, subprocess.Popen(
             command, cwd=REPO, env={**os.environ, "TF_CONFIG": json.dumps(cluster)}, stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE, text=True, start_new_session=True)))
+    logs = []
     try:
         for artifacts, process in processes:
             _, err = process.communicate(timeout=300)
             assert process.returncode == 0, err[-3000:]
+            logs.append(err)
     finally:
         for _, process in processes:
             if process.poll() is None:
@@ -137,6 +146,33 @@ def test_machines_of_a_tf_config_cluster_each_run_the_command_and_end_with_the_s
         # Each worker applies the same all-reduced gradients to the same weights: the same computation, bit for bit.
         assert weights_digest(tmp_path / "machine-0" / stage / "model.h5") == weights_digest(
             tmp_path / "machine-1" / stage / "model.h5")
+    # The new machine's features: computed half by each machine, sent through the cluster's collective gather.
+    assert "(share 1/2)" in logs[0] and "(share 2/2)" in logs[1] and "(share 1/2)" not in logs[1]
+    computed = sorted(p.name for p in store(world["artifacts"]).glob("view-*"))
+    assert computed and sorted(p.name for p in store(tmp_path / "machine-1").glob("view-*")) == computed
+    for name in computed:
+        alone, shared = (ViewFiles(store(root) / name) for root in (world["artifacts"], tmp_path / "machine-1"))
+        alone_rows, shared_rows = (ArrayFile(files.outputs) for files in (alone, shared))
+        assert shared_rows.shape == alone_rows.shape and shared_rows.dtype == alone_rows.dtype
+        # The same batches through the same layers on the same CPU; only the thread count may differ, which can
+        # reorder a sum: float32 to a few units in the last place, float16 to one unit of its 10-bit mantissa.
+        rtol = 2.0 ** -10 if alone_rows.dtype == np.float16 else 1e-5
+        np.testing.assert_allclose(shared_rows.block(0, len(shared_rows)).astype(np.float32),
+                                   alone_rows.block(0, len(alone_rows)).astype(np.float32), rtol=rtol, atol=1e-6)
+        np.testing.assert_array_equal(np.load(shared.labels), np.load(alone.labels))
+    shares = store(tmp_path / "machine-1") / ".shares.tmp"
+    assert not shares.exists() or not any(shares.iterdir())
+
+
+def test_one_process_gathers_only_its_own_array():
+    import tensorflow as tf
+
+    one = tf.distribute.get_strategy()
+    array = np.arange(6, dtype=np.float16).reshape(2, 3)
+    np.testing.assert_array_equal(distribute.all_gather(one, array), array[np.newaxis])
+    assert distribute.worker_index(one) == 0
+    with pytest.raises(TypeError, match="uint8"):  # TensorFlow's collective gather has no kernel for it
+        distribute.all_gather(one, array.astype(np.uint8))
 
 
 def test_multi_worker_without_local_workers_or_tf_config_is_a_config_error(monkeypatch):

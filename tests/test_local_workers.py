@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import h5py
 import numpy as np
 import pytest
-from conftest import REPO, base_args, invoke, ran
+from conftest import REPO, base_args, invoke, processes_running, ran
 
 from pipeline import local_workers
 from pipeline.catalog import Catalog
@@ -35,19 +35,6 @@ LINEAR = [a for key in ("train_head", "finetune") for a in (
 
 def _batch(size):
     return [a for key in ("train_head", "finetune") for a in ("--set", f"{key}.batch_size={size}")]
-
-
-def _workers_alive():
-    """PIDs of live processes running the worker module (from /proc, so without psutil)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            command = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if local_workers.WORKER_MODULE.encode() in command:
-            found.append(int(entry.name))
-    return found
 
 
 def _weights(artifacts, stage):
@@ -78,7 +65,7 @@ def test_two_local_workers_learn_what_one_process_learns_with_the_same_global_ba
     assert "computed augmented view 2 of the training images (share 1/2)" in log  # the chief's share of it
     one, _ = _run(world, tmp_path, "one", *LINEAR, *_batch(8))
     other_batch, _ = _run(world, tmp_path, "other-batch", *LINEAR, *_batch(4))
-    assert _workers_alive() == []
+    assert processes_running(local_workers.WORKER_MODULE) == []
     for stage in ("train-head", "finetune"):
         manifest = json.loads((workers / stage / "manifest.json").read_text())
         digests = manifest["summary"]["worker_weights"]
@@ -109,7 +96,7 @@ def test_two_local_workers_learn_what_one_process_learns_with_the_same_global_ba
 
 
 def _worker_pid(parent, index):
-    for pid in _workers_alive():
+    for pid in processes_running(local_workers.WORKER_MODULE):
         try:
             stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
@@ -149,7 +136,7 @@ def test_a_killed_worker_fails_the_run_with_one_line_and_the_same_command_resume
     assert len(errors) == 1 and f"finetune: worker 1 (pid {victim}) was killed by SIGKILL" in errors[0]
     assert "run the same command again to go on from the last one" in errors[0]
     assert lines[-1] == errors[0] and not any("Traceback" in line for line in lines)
-    assert _workers_alive() == []  # the chief was stopped too
+    assert processes_running(local_workers.WORKER_MODULE) == []  # the chief was stopped too
     backup, = Catalog(artifacts).backups("finetune")
     done, _ = resume.latest(backup)
     assert done >= 2
@@ -165,7 +152,7 @@ def test_a_killed_worker_fails_the_run_with_one_line_and_the_same_command_resume
     assert [float(r["val_loss"]) for r in rows[:done]] == [r["val_loss"] for r in before]
     assert not (artifacts / ".resume").exists() and not (artifacts / ".tmp").exists()
     assert ran(invoke(*args)) == []  # fresh
-    assert _workers_alive() == []
+    assert processes_running(local_workers.WORKER_MODULE) == []
 
 
 def test_only_training_stages_under_multi_worker_run_in_local_workers():

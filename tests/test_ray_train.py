@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 import pytest
-from conftest import REPO, base_args
+from conftest import REPO, base_args, processes_running
 
 from pipeline.cluster import ray_train
 from pipeline.train.worker import weights_digest
@@ -37,16 +37,24 @@ def test_pipeline_arguments_that_would_undo_the_cluster_are_refused(args, named)
     ray_train.check_arguments(["--set", "finetune.epochs=2", "finetune"])
 
 
-def _alive(text):
-    """PIDs of live processes with `text` in their command line (from /proc, so without psutil)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if text.encode() in (entry / "cmdline").read_bytes():
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
+def test_a_runs_storage_is_removed_after_it_and_a_killed_runs_by_the_next(tmp_path):
+    killed = tmp_path / (ray_train.STORAGE_PREFIX + "killed")  # a driver SIGKILLed: its folder left, unlocked
+    (killed / "multisnacks").mkdir(parents=True)
+    running = tmp_path / (ray_train.STORAGE_PREFIX + "running")  # another driver's, locked by its process
+    running.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pipeline.cache.lock import holding\n"
+                               "with holding(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(60)",
+                               str(running)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with ray_train.run_storage(tmp_path) as storage:
+            assert storage.is_dir() and storage.name.startswith(ray_train.STORAGE_PREFIX)
+            assert not killed.exists() and running.is_dir()
+            (storage / "records").write_text("Ray Train's")
+        assert not storage.exists() and running.is_dir()
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def _ray_train(world, artifacts, *pipeline_args):
@@ -59,10 +67,10 @@ def _ray_train(world, artifacts, *pipeline_args):
                                   str(artifacts), "--", *options, *pipeline_args],
                                  cwd=REPO, capture_output=True, text=True, timeout=900, start_new_session=True,
                                  env={**os.environ, "RAY_TMPDIR": ray_tmp})
-        left = _alive(ray_tmp)  # Ray's own processes (their command lines name the session folder)
+        left = processes_running(ray_tmp)  # Ray's own processes (their command lines name the session folder)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert _alive("pipeline.cluster.worker_process") == [] and left == []
+    assert processes_running("pipeline.cluster.worker_process") == [] and left == []
     return process
 
 

@@ -90,6 +90,25 @@ def test_killed_stage_is_not_fresh_afterwards(world, tmp_path):
     assert not scratch.exists()
 
 
+@pytest.mark.parametrize("elsewhere", [False, True])
+def test_in_a_cluster_a_training_stage_runs_when_any_machine_needs_it(world, tmp_path, monkeypatch, elsewhere):
+    artifacts = tmp_path / "artifacts"
+    shutil.copytree(world["artifacts"], artifacts)
+    import pipeline.stages.finetune as finetune
+    import pipeline.stages.train_head as train_head
+
+    ran = []
+    for module in (train_head, finetune):
+        monkeypatch.setattr(module, "run", lambda ctx, name=module.__name__: ran.append(name) or {})
+    runner = Runner(smoke_cfg(world), artifacts)
+    asked = []
+    runner.any_worker = lambda flag: asked.append(flag) or flag or elsewhere  # another machine's stage is stale
+    runner.run(["finetune"])
+    # Only the stages that train together ask; both are fresh here, but finetune's input is new once train-head ran.
+    assert asked == [False, elsewhere]
+    assert ran == ([train_head.__name__, finetune.__name__] if elsewhere else [])
+
+
 def test_corrupt_manifest_is_a_cache_miss(world, tmp_path):
     artifacts = tmp_path / "artifacts"
     shutil.copytree(world["artifacts"], artifacts)

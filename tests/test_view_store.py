@@ -127,7 +127,46 @@ def test_an_output_not_stored_yet_is_computed_beside_the_stored_one(tmp_path, im
     np.testing.assert_array_equal(a.rows(range(7)), (2 * images["val"]).astype(np.float16))
 
 
-def test_workers_compute_missing_entries_together_and_store_what_one_process_would(tmp_path, images):
+def _in_threads(count, work):
+    """Run `work(index)` for each of `count` workers at once, each in a thread."""
+    import threading
+
+    threads = [threading.Thread(target=work, args=(index,)) for index in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads)
+
+
+class _AllGather:
+    """An all-gather between threads, as TensorFlow's collective gather between worker processes: each worker's
+    `gather(index)` returns every worker's array stacked in worker order, once all have sent theirs."""
+
+    def __init__(self, count):
+        import threading
+
+        self.barrier, self.sent, self.calls = threading.Barrier(count, timeout=60), [None] * count, [0] * count
+
+    def gather(self, index):
+        def gather(array):
+            self.calls[index] += 1
+            self.sent[index] = np.array(array)
+            self.barrier.wait()
+            stacked = np.stack(self.sent)
+            self.barrier.wait()  # every worker has read this round's arrays
+            return stacked
+        return gather
+
+
+def _assert_as_alone(got, alone, rows):
+    for (x, y), (a, _) in got:
+        np.testing.assert_array_equal(x.rows(range(rows)), alone[0][0].rows(range(rows)))
+        np.testing.assert_array_equal(a.rows(range(rows)), alone[1][0].rows(range(rows)))
+        np.testing.assert_array_equal(y, alone[0][1])
+
+
+def test_workers_of_one_machine_compute_missing_entries_together_and_store_what_one_process_would(tmp_path, images):
     import threading
 
     from pipeline.cache.feature_store import ChiefsStore
@@ -141,25 +180,64 @@ def test_workers_compute_missing_entries_together_and_store_what_one_process_wou
     models, got = [_TwoOutputs(), _TwoOutputs()], [None, None]
 
     def work(index):
-        stores[index].group = view_store.SharedWork(index, 2, tmp_path / "shares", barrier.wait)
+        stores[index].group = view_store.OneMachine(index, 2, tmp_path / "shares", barrier.wait)
         got[index] = _outputs(ViewStore(stores[index], UPSTREAM, MODEL), models[index], [features, activations],
                               views)
 
-    threads = [threading.Thread(target=work, args=(index,)) for index in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
+    _in_threads(2, work)
     assert [m.batches for m in models] == [2, 2]  # each view's 2 batches shared out: one each, not two each
-    for (x, y), (a, _) in got:
-        np.testing.assert_array_equal(x.rows(range(80)), alone[0][0].rows(range(80)))
-        np.testing.assert_array_equal(a.rows(range(80)), alone[1][0].rows(range(80)))
-        np.testing.assert_array_equal(y, alone[0][1])
+    _assert_as_alone(got, alone, 80)
     assert len(list((tmp_path / "store").glob("view-*"))) == 4  # the chief stored each entry once
     assert not any((tmp_path / "shares").iterdir())  # and removed the shares
 
 
+@pytest.mark.parametrize("count", [2, 3])
+def test_machines_compute_missing_entries_together_and_each_stores_what_one_process_would(tmp_path, images, count):
+    features, activations = Output("features", "w"), Output("activations", "w-lower", "float16")
+    views = training_views(True, 0, seed=0)  # 2 views of 40 images: batches of 32 and 8 rows each
+    alone = _outputs(ViewStore(FeatureStore(tmp_path / "alone"), UPSTREAM, MODEL), _TwoOutputs(),
+                     [features, activations], views)
+    exchange = _AllGather(count)
+    stores = [FeatureStore(tmp_path / f"machine-{k}") for k in range(count)]
+    models, got = [_TwoOutputs() for _ in range(count)], [None] * count
+
+    def work(index):
+        stores[index].group = view_store.AcrossMachines(index, count, stores[index].shares, exchange.gather(index))
+        got[index] = _outputs(ViewStore(stores[index], UPSTREAM, MODEL), models[index], [features, activations],
+                              views)
+
+    _in_threads(count, work)
+    # Each view's 2 batches are shared out (with 3 workers, the first computes none); none computed twice.
+    assert [m.batches for m in models] == [2 * len(view_store.SharedWork(k, count, None).share(2))
+                                           for k in range(count)]
+    _assert_as_alone(got, alone, 80)
+    for store in stores:  # each machine stored every entry in its own store, and kept no share
+        assert len(list(store.root.glob("view-*"))) == 4
+        assert not any(store.shares.iterdir())
+
+
+def test_an_entry_one_machine_lacks_is_computed_by_all_and_stored_where_missing(tmp_path, images):
+    features, activations = Output("features", "w"), Output("activations", "w-lower", "float16")
+    views = [split_view("val")]
+    stores = [FeatureStore(tmp_path / f"machine-{k}") for k in range(2)]
+    alone = _outputs(ViewStore(stores[0], UPSTREAM, MODEL), _TwoOutputs(), [features, activations], views)
+    exchange = _AllGather(2)
+    models, got = [_TwoOutputs(), _TwoOutputs()], [None, None]
+
+    def work(index):
+        stores[index].group = view_store.AcrossMachines(index, 2, stores[index].shares, exchange.gather(index))
+        got[index] = _outputs(ViewStore(stores[index], UPSTREAM, MODEL), models[index], [features, activations],
+                              views)
+
+    _in_threads(2, work)
+    # The one batch of 7 images is worker 1's share: machine 0 has the entries and computes nothing, but sends its
+    # (empty) share, as every worker calls the same collective operations.
+    assert [m.batches for m in models] == [0, 1]
+    assert exchange.calls[0] == exchange.calls[1] > 0
+    _assert_as_alone(got, alone, 7)
+
+
 def test_a_workers_share_is_its_contiguous_part_of_the_batches():
-    shares = [list(view_store.SharedWork(k, 3, None, None).share(10)) for k in range(3)]
+    shares = [list(view_store.SharedWork(k, 3, None).share(10)) for k in range(3)]
     assert shares == [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
-    assert [list(view_store.SharedWork(k, 2, None, None).share(1)) for k in range(2)] == [[], [0]]
+    assert [list(view_store.SharedWork(k, 2, None).share(1)) for k in range(2)] == [[], [0]]

@@ -39,6 +39,11 @@ class FeatureStore:
         """Where entries are written before they are renamed into place."""
         return self.root / ".tmp"
 
+    @property
+    def shares(self):
+        """Where worker processes that compute entries together keep their shares until the entries are stored."""
+        return self.root / ".shares.tmp"
+
     def folder(self, key):
         """The folder entry `key` is (or would be) kept in."""
         return self.root / key

@@ -10,6 +10,7 @@ must be at the same path on every machine. Ray's `cluster` extra installs it (`p
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -20,7 +21,11 @@ from pathlib import Path
 
 import click
 
+from pipeline.cache.lock import holding
+from pipeline.errors import ArtifactsError
+
 PACKAGE_PARENT = Path(__file__).resolve().parents[2]
+STORAGE_PREFIX = "multisnacks-ray-"
 
 
 def worker_folder(artifacts, rank):
@@ -58,6 +63,24 @@ class WorkerExit(RuntimeError):
         return f"worker {self.rank} (artifacts {self.folder}) {how}"
 
 
+@contextlib.contextmanager
+def run_storage(root=None):
+    """A new folder in `root` (the system's temporary folder by default) for Ray Train's records of this run, locked
+    while the run lasts and removed after it. First removes the folders of runs whose driver was killed (no longer
+    locked), which could not remove their own."""
+    root = Path(root or tempfile.gettempdir())
+    for old in root.glob(STORAGE_PREFIX + "*"):
+        with contextlib.suppress(ArtifactsError):  # locked: another run's, still going
+            with holding(old):
+                shutil.rmtree(old, ignore_errors=True)
+    folder = Path(tempfile.mkdtemp(prefix=STORAGE_PREFIX, dir=root))
+    try:
+        with holding(folder):
+            yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _train_loop(config):
     """One Ray Train worker: the pipeline's command line in a child process that ends with this one."""
     import ray.train
@@ -85,12 +108,18 @@ def main(workers, address, cpus_per_worker, gpus_per_worker, artifacts, pipeline
     """Run the pipeline command PIPELINE_ARGS (options, then stages) on Ray Train workers."""
     check_arguments(pipeline_args)
     try:
-        import ray
-        from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
-        from ray.train.tensorflow import TensorflowTrainer
+        import ray.train.tensorflow  # noqa: F401  (checks that Ray Train is installed)
     except ImportError as exc:
         raise click.ClickException(f"Ray Train is not installed ({exc}): pip install -e '.[cluster]'") from None
-    storage = tempfile.mkdtemp(prefix="multisnacks-ray-")
+    with run_storage() as storage:
+        _fit(workers, address, cpus_per_worker, gpus_per_worker, artifacts, pipeline_args, storage)
+
+
+def _fit(workers, address, cpus_per_worker, gpus_per_worker, artifacts, pipeline_args, storage):
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train.tensorflow import TensorflowTrainer
+
     resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
     try:
         if address:
@@ -104,7 +133,7 @@ def main(workers, address, cpus_per_worker, gpus_per_worker, artifacts, pipeline
                                "cwd": os.getcwd(), "cpus": cpus_per_worker, "package_parent": str(PACKAGE_PARENT)},
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0,
                                          resources_per_worker=resources),
-            run_config=RunConfig(name="multisnacks", storage_path=storage,
+            run_config=RunConfig(name="multisnacks", storage_path=str(storage),
                                  failure_config=FailureConfig(max_failures=0)))
         trainer.fit()
     except TrainingFailedError as exc:
@@ -112,7 +141,6 @@ def main(workers, address, cpus_per_worker, gpus_per_worker, artifacts, pipeline
                                    "to go on from the last finished epoch") from None
     finally:
         ray.shutdown()
-        shutil.rmtree(storage, ignore_errors=True)
 
 
 def failure_line(error):

@@ -5,6 +5,8 @@ import functools
 import logging
 import os
 
+import numpy as np
+
 from pipeline.errors import ConfigError
 
 log = logging.getLogger("pipeline.train.distribute")
@@ -58,26 +60,51 @@ def workers(chosen):
     return chosen.extended._num_workers if is_multi_worker(chosen) else 1
 
 
+def worker_index(chosen):
+    """This process's place among the worker processes of `chosen` (0, the chief, unless it is multi-worker)."""
+    return chosen.cluster_resolver.task_id if is_multi_worker(chosen) else 0
+
+
+GATHERED_DTYPES = ("float16", "float32", "float64", "int32", "int64")
+"""The dtypes TensorFlow's collective gather sends."""
+
+
+def all_gather(chosen, array):
+    """Every worker process's `array` (of one shape and dtype in all of them, one of GATHERED_DTYPES), stacked in
+    worker order: an array of shape (workers, *array.shape). Every worker must call it at the same point."""
+    import tensorflow as tf
+
+    array = np.asarray(array)
+    if array.dtype.name not in GATHERED_DTYPES:
+        raise TypeError(f"collective gather sends {', '.join(GATHERED_DTYPES)}, not {array.dtype}")
+    if not is_multi_worker(chosen):
+        return array[np.newaxis]
+    per_worker = chosen.num_replicas_in_sync // workers(chosen)
+    return _gather_function(chosen)(tf.constant(array)).numpy()[::per_worker]  # a worker's replicas send alike
+
+
+@functools.lru_cache(maxsize=None)
+def _gather_function(chosen):
+    import tensorflow as tf
+
+    # A function: run eagerly, every call would set up its collective operation anew, a second or so each.
+    @tf.function(reduce_retracing=True)
+    def gather(value):
+        return chosen.gather(chosen.run(lambda v: v[tf.newaxis], args=(value,)), axis=0)
+
+    return gather
+
+
 def any_worker(chosen, flag):
     """Whether `flag` holds in any worker process of `chosen`: a decision (stop training now) taken alike by all.
     Every worker must call it at the same point of training, as for any collective operation."""
-    if not is_multi_worker(chosen):
-        return bool(flag)
-    import tensorflow as tf
-
-    votes = chosen.run(lambda: tf.constant(1.0 if flag else 0.0))
-    return float(chosen.reduce(tf.distribute.ReduceOp.SUM, votes, axis=None)) > 0
+    return bool(all_gather(chosen, np.int32(bool(flag))).any())
 
 
 def same_in_every_worker(chosen, value):
     """Whether the number `value` is the same in every worker process of `chosen` (called by all at one point)."""
-    if not is_multi_worker(chosen):
-        return True
-    import tensorflow as tf
-
-    moments = chosen.run(lambda: tf.constant([1.0, value, value * value], tf.float64))
-    n, total, squares = chosen.reduce(tf.distribute.ReduceOp.SUM, moments, axis=None).numpy()
-    return n * squares == total * total  # Cauchy-Schwarz: equal only when every value is the same
+    values = all_gather(chosen, np.float64(value))
+    return bool((values == values[0]).all())
 
 
 def describe(chosen, batch_size, learning_rate):

@@ -9,14 +9,16 @@ changed later reuses all of them. An entry's key holds everything its numbers de
 computes them, ingest's and augment's outputs (the images, splits and preprocessing), the model settings that
 shape the backbone, the digest of the weights of the layers that compute it, the view (with its seed when it is
 random) and the dtype. Every entry is computed in batches of CACHE_BATCH images, whatever the training batch
-size, so one key is always one computation. Worker processes of one machine that train together (the feature
-store's `group`, a SharedWork) compute each missing entry together, each a share of its batches, which the chief
-joins into the entry.
+size, so one key is always one computation. Worker processes that train together (the feature store's `group`, a
+SharedWork) compute each missing entry together, each a share of its batches: on one machine the chief joins the
+shares into the entry; across machines every worker receives the others' shares and stores the whole entry.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -26,7 +28,7 @@ import numpy as np
 from pipeline import code_deps, fileio
 from pipeline.catalog import ViewFiles
 from pipeline.data.augmentation import split_batches
-from pipeline.train import models
+from pipeline.train import distribute, models
 from pipeline.train.activations import ArrayFile, ArrayWriter, StackedArrays, write_view
 
 log = logging.getLogger("pipeline.train.view_store")
@@ -81,20 +83,123 @@ def activations_output(cut, lower):
     return Output(f"the activations at {cut}", models.weights_digest(lower), "float16")
 
 
-@dataclass
 class SharedWork:
-    """Worker processes on one machine computing feature-store entries together: this one's `index` (0: the chief,
-    which alone writes the store) of `count`, the `folder` they share for their parts, and `barrier`, which returns
-    once every worker has called it."""
+    """Worker processes computing feature-store entries together: this one's `index` (0: the chief) of `count`, each
+    computing a contiguous share of an entry's batches into `folder`/<entry>/part-<index>. How the shares meet is
+    the subclass's: OneMachine (a folder all workers read) or AcrossMachines (sent through collective operations).
+    Every worker calls the same methods at the same points, as for any collective operation."""
 
-    index: int
-    count: int
-    folder: Path
-    barrier: Callable[[], object]
+    def __init__(self, index, count, folder):
+        self.index, self.count, self.folder = index, count, Path(folder) if folder is not None else None
 
     def share(self, n):
-        """This worker's batches of `n`: a contiguous range, the shares in worker order."""
-        return range(n * self.index // self.count, n * (self.index + 1) // self.count)
+        """Worker `index`'s batches of `n`: a contiguous range, the shares in worker order."""
+        return self.share_of(self.index, n)
+
+    def share_of(self, index, n):
+        """Worker `index`'s batches of `n`."""
+        return range(n * index // self.count, n * (index + 1) // self.count)
+
+    def agree(self, missing, n):
+        """The outputs (indices of `n`) to compute, from those this worker's store lacks (`missing`)."""
+        return missing
+
+    def collect(self, parts, names, sizes):
+        """Once this worker's share is in `parts`/part-<index> (files `names` of `sizes[k]` rows for worker k, and
+        labels.npy): every worker's part folder in order, where this worker can read them, or None when this
+        worker stores nothing."""
+        raise NotImplementedError
+
+    def finish(self, parts):
+        """After the entries are stored: remove the shares."""
+        raise NotImplementedError
+
+
+class OneMachine(SharedWork):
+    """Worker processes of one machine: the shares are written into the one `folder` they all read, `barrier`
+    returns once every worker has called it, and the chief alone joins and stores the entries (the others read
+    the chief's store)."""
+
+    def __init__(self, index, count, folder, barrier: Callable[[], object]):
+        super().__init__(index, count, folder)
+        self.barrier = barrier
+
+    def collect(self, parts, names, sizes):
+        self.barrier()  # every share written
+        return [parts / f"part-{k}" for k in range(self.count)] if self.index == 0 else None
+
+    def finish(self, parts):
+        self.barrier()  # the entries stored
+        if self.index == 0:
+            shutil.rmtree(parts, ignore_errors=True)
+
+
+class AcrossMachines(SharedWork):
+    """Worker processes with no folder in common (a TF_CONFIG cluster, each machine its own artifacts folder):
+    each keeps its share in its own `folder`, `gather(array)` returns every worker's `array` (of one shape and
+    dtype in all) stacked in worker order, and every worker receives the others' shares through it, block by
+    block, and stores the whole entries in its own store."""
+
+    def __init__(self, index, count, folder, gather: Callable[[np.ndarray], np.ndarray]):
+        super().__init__(index, count, folder)
+        self.gather = gather
+
+    def agree(self, missing, n):
+        """The outputs missing in any worker's store: all compute them, so that every worker can store them."""
+        flags = np.zeros(n, np.int32)
+        flags[list(missing)] = 1
+        anywhere = self.gather(flags).any(axis=0)
+        return [i for i in range(n) if anywhere[i]]
+
+    def collect(self, parts, names, sizes):
+        folders = [parts / f"part-{k}" for k in range(self.count)]
+        mine = folders[self.index]
+        for folder in folders:
+            folder.mkdir(parents=True, exist_ok=True)
+        if max(sizes) == 0:  # a split without images: every worker knows it, so none sends
+            return [mine]
+        t0 = time.monotonic()
+        labels = np.load(mine / "labels.npy")
+        gathered = self.gather(np.pad(labels, (0, max(sizes) - len(labels))))
+        for k, folder in enumerate(folders):
+            if k != self.index:
+                np.save(folder / "labels.npy", gathered[k][:sizes[k]])
+        for name in names:
+            self._send(ArrayFile(mine / name), [folder / name for folder in folders], sizes)
+        received = sum(ArrayFile(folder / name).nbytes for name in names for folder in folders if folder != mine)
+        log.info("received the other %d workers' shares (%.0f MB) in %.1fs", self.count - 1, received / 1e6,
+                 time.monotonic() - t0)
+        return folders
+
+    def _send(self, own, paths, sizes):
+        """Every worker's rows of one output, CACHE_BATCH rows of each share at a time, into `paths` (own's
+        excepted, already written)."""
+        blank = np.zeros((CACHE_BATCH, *own.shape[1:]), own.dtype)
+        with contextlib.ExitStack() as stack:
+            writers = {k: stack.enter_context(ArrayWriter(path, own.dtype, (sizes[k], *own.shape[1:])))
+                       for k, path in enumerate(paths) if k != self.index}
+            for start in range(0, max(sizes), CACHE_BATCH):
+                block = blank.copy()
+                if start < len(own):
+                    rows = own.block(start, min(start + CACHE_BATCH, len(own)))
+                    block[:len(rows)] = rows
+                gathered = self.gather(block)
+                for k, writer in writers.items():
+                    writer.append(gathered[k][:max(0, min(CACHE_BATCH, sizes[k] - start))])
+        own.close()
+
+    def finish(self, parts):
+        shutil.rmtree(parts, ignore_errors=True)
+
+
+def across_machines(chosen, store):
+    """This process's AcrossMachines in the cluster of the MultiWorkerMirroredStrategy `chosen`, its shares kept in
+    `store`'s scratch, or None with a single worker."""
+    count = distribute.workers(chosen)
+    if count < 2:
+        return None
+    return AcrossMachines(distribute.worker_index(chosen), count, store.shares,
+                          lambda array: distribute.all_gather(chosen, array))
 
 
 class BatchRange:
@@ -136,12 +241,14 @@ class ViewStore:
             keys = [self.key(output, view) for output in outputs]
             folders = [self.store.get(key) for key in keys]
             missing = [i for i, folder in enumerate(folders) if folder is None]
+            group = getattr(self.store, "group", None)
+            if group is not None:
+                missing = group.agree(missing, len(outputs))
             for i, folder in enumerate(folders):
-                if folder is not None:
+                if i not in missing:
                     log.info("reusing %s of the %s computed by an earlier run", outputs[i].name, view.name)
             if missing:
                 batches = split_batches(ingest, augment, view.split, size, CACHE_BATCH, **view.options)
-                group = getattr(self.store, "group", None)
 
                 def make(made, batches=batches, missing=missing, view=view):
                     targets = [None] * len(outputs)
@@ -161,25 +268,27 @@ class ViewStore:
                  np.concatenate([np.load(files.labels) for files in found[output]])) for output in outputs]
 
     def _together(self, group, model, outputs, keys, missing, view, batches):
-        """Compute the entries `keys` (of outputs `missing`) of `view` with the other workers of `group`: each writes
-        its share of the batches into the shared folder; the chief joins the shares into the entries."""
+        """Compute the entries `keys` (of outputs `missing`) of `view` with the other workers of `group`: each computes
+        its share of the batches; the shares are joined into the entries by the worker(s) that store them."""
         parts = group.folder / keys[0]
         mine = parts / f"part-{group.index}"
         mine.mkdir(parents=True, exist_ok=True)
+        names = [f"output-{i}.npy" for i in missing]
         targets = [None] * len(outputs)
-        for i in missing:
-            targets[i] = (mine / f"output-{i}.npy", outputs[i].dtype)
+        for i, name in zip(missing, names):
+            targets[i] = (mine / name, outputs[i].dtype)
         share = BatchRange(batches, group.share(len(batches)), CACHE_BATCH)
         np.save(mine / "labels.npy", write_view(model, f"{view.name} (share {group.index + 1}/{group.count})",
                                                 share, targets))
-        group.barrier()  # every share written
-        if group.index == 0:
-            shares = [parts / f"part-{k}" for k in range(group.count)]
+        sizes = [len(BatchRange(batches, group.share_of(k, len(batches)), CACHE_BATCH).paths)
+                 for k in range(group.count)]
+        shares = group.collect(parts, names, sizes)
+        if shares is not None:
 
             def join(made):
-                for i, folder in zip(missing, made):
+                for name, folder in zip(names, made):
                     files = ViewFiles(folder)
-                    pieces = [ArrayFile(share / f"output-{i}.npy") for share in shares]
+                    pieces = [ArrayFile(share / name) for share in shares]
                     with ArrayWriter(files.outputs, pieces[0].dtype,
                                      (sum(len(p) for p in pieces), *pieces[0].shape[1:])) as joined:
                         for piece in pieces:
@@ -189,7 +298,5 @@ class ViewStore:
                     np.save(files.labels, np.concatenate([np.load(share / "labels.npy") for share in shares]))
 
             self.store.make_several(keys, join)
-        group.barrier()  # the entries stored
-        if group.index == 0:
-            shutil.rmtree(parts, ignore_errors=True)
+        group.finish(parts)
         return [self.store.folder(key) for key in keys]

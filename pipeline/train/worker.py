@@ -24,7 +24,7 @@ from pipeline import fileio, local_workers, processes, quiet
 from pipeline.cache.feature_store import ChiefsStore
 from pipeline.errors import PipelineError
 from pipeline.train import distribute
-from pipeline.train.view_store import SharedWork
+from pipeline.train.view_store import OneMachine
 
 
 def private_context(context, root):
@@ -86,7 +86,7 @@ def main(argv):
         if index != 0:
             context = private_context(context, local_workers.private_root(job, index))
         # The workers compute the feature-store entries they need together, each a share.
-        context.store.group = SharedWork(index, distribute.workers(chosen), job / "shards",
+        context.store.group = OneMachine(index, distribute.workers(chosen), job / "shards",
                                          lambda: distribute.any_worker(chosen, True))
         summary = importlib.import_module(spec["module"]).run(context)
         digest = weights_digest(context.out.model)
