@@ -151,7 +151,7 @@ def _execute(ctx, results, **_):
                 chosen = distribute.strategy(cfg.distribute)
             # The machines compute the feature-store entries they need together, each a share, and exchange them.
             runner.store.group = view_store.across_machines(chosen, runner.store)
-            runner.any_worker = lambda flag: distribute.any_worker(chosen, flag)
+            runner.cluster = distribute.Cluster(chosen)
         if targets or any(kind in ("verify", "predict", "sweep") for kind, _ in results):
             quiet.load_tensorflow()
         if targets:

@@ -61,10 +61,10 @@ class Runner:
     a sweep's combinations share the main artifacts' store.
     """
 
-    any_worker = None
-    """In a cluster whose every machine runs this command (TF_CONFIG): `any_worker(flag)`, whether `flag` holds in
-    any of their processes, so that a stage that trains together (under the `distribute` section) runs in all of
-    them when one needs it; None in one process."""
+    cluster = None
+    """In a cluster whose every machine runs this command (TF_CONFIG), its pipeline.train.distribute.Cluster: a
+    stage that trains together (under the `distribute` section) runs in every worker when one needs it
+    (`cluster.any_worker`), and a worker lost is one line (`cluster.failure`); None in one process."""
 
     def __init__(self, cfg, artifacts="artifacts", store=None):
         self.cfg = cfg
@@ -134,8 +134,8 @@ class Runner:
         for stage in upstream_closure(targets):
             status = self.freshness(stage)
             forced = stage.name in force
-            if self.any_worker is not None and "distribute" in stage.sections:
-                needed = self.any_worker(status.state != "fresh" or forced)
+            if self.cluster is not None and "distribute" in stage.sections:
+                needed = self.cluster.any_worker(status.state != "fresh" or forced)
                 if needed and status.state == "fresh" and not forced:
                     log.info("%-10s fresh here, but another machine of the cluster runs it", stage.name)
                     forced = True
@@ -182,6 +182,11 @@ class Runner:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise ArtifactsError.no_space(self.catalog.root, stage.name, exc) from exc
             raise
+        except Exception as exc:
+            lost = self.cluster.failure(stage.name, exc) if self.cluster is not None else None
+            if lost is None:
+                raise
+            raise lost from None
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         self._remove_backups(stage.name)

@@ -7,12 +7,14 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from conftest import REPO, base_args, ran
 
+from pipeline.catalog import Catalog
 from pipeline.config import DistributeConfig
 from pipeline.train import distribute
 
@@ -108,38 +110,62 @@ def test_the_training_stages_run_mirrored_from_the_config(world, tmp_path):
         assert summary["distribute"]["global_batch_size"] == 2 * 4  # configs/smoke.yaml: batch_size 4 in both
 
 
-def test_machines_of_a_tf_config_cluster_each_run_the_command_and_end_with_the_same_model(world, tmp_path):
+def _cluster_of_two(world, tmp_path, *args, prepare=lambda index, artifacts: None):
+    """Start two "machines" of a TF_CONFIG cluster on 127.0.0.1, each the pipeline's command line with its own copy
+    of the world's artifacts (after `prepare`) and `args`, its messages in machine-<index>.log (a file: a pipe left
+    unread could stop one, and with it the other); returns [(artifacts, process)]."""
     from pipeline import local_workers
-    from pipeline.catalog import Catalog, ViewFiles
+
+    addresses = [f"127.0.0.1:{port}" for port in local_workers.free_ports(2)]
+    machines = []
+    for index in range(2):
+        artifacts = tmp_path / f"machine-{index}"
+        if not artifacts.exists():
+            shutil.copytree(world["artifacts"], artifacts)
+        prepare(index, artifacts)
+        cluster = {"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}}
+        command = [sys.executable, "-m", "pipeline", *base_args(world, artifacts), "--set",
+                   "distribute.strategy=multi_worker", *args]
+        with open(tmp_path / f"machine-{index}.log", "w") as log:
+            machines.append((artifacts, subprocess.Popen(
+                command, cwd=REPO, env={**os.environ, "TF_CONFIG": json.dumps(cluster)}, stdout=subprocess.DEVNULL,
+                stderr=log, start_new_session=True)))
+    return machines
+
+
+def _wait(machines, timeout=300):
+    """Each machine's messages, once all have ended (within `timeout` seconds)."""
+    for _, process in machines:
+        process.wait(timeout=timeout)
+    return [(artifacts.parent / f"{artifacts.name}.log").read_text() for artifacts, _ in machines]
+
+
+def _stop(machines):
+    for _, process in machines:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def test_machines_of_a_tf_config_cluster_each_run_the_command_and_end_with_the_same_model(world, tmp_path):
+    from pipeline.catalog import ViewFiles
     from pipeline.train.activations import ArrayFile
     from pipeline.train.worker import weights_digest
 
     def store(artifacts):
         return Catalog(artifacts).feature_store
 
-    addresses = [f"127.0.0.1:{port}" for port in local_workers.free_ports(2)]
-    processes = []
-    for index in range(2):  # two "machines": each its own artifacts folder, its place in the cluster from TF_CONFIG
-        artifacts = tmp_path / f"machine-{index}"
-        shutil.copytree(world["artifacts"], artifacts)
+    def prepare(index, artifacts):
         if index == 1:  # a machine new to the cluster: no feature computed yet
             shutil.rmtree(store(artifacts))
-        cluster = {"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}}
-        command = [sys.executable, "-m", "pipeline", *base_args(world, artifacts), "--set",
-                   "distribute.strategy=multi_worker", "finetune"]
-        processes.append((artifacts, subprocess.Popen(
-            command, cwd=REPO, env={**os.environ, "TF_CONFIG": json.dumps(cluster)}, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, text=True, start_new_session=True)))
-    logs = []
+
+    machines = _cluster_of_two(world, tmp_path, "finetune", prepare=prepare)
     try:
-        for artifacts, process in processes:
-            _, err = process.communicate(timeout=300)
-            assert process.returncode == 0, err[-3000:]
-            logs.append(err)
+        logs = _wait(machines)
     finally:
-        for _, process in processes:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
+        _stop(machines)
+    for (_, process), log in zip(machines, logs):
+        assert process.returncode == 0, log[-3000:]
     for stage in ("train-head", "finetune"):
         placement = json.loads((tmp_path / "machine-0" / stage / "training.json").read_text())["distribute"]
         assert placement["workers"] == 2 and placement["global_batch_size"] == 2 * 4
@@ -164,13 +190,75 @@ def test_machines_of_a_tf_config_cluster_each_run_the_command_and_end_with_the_s
     assert not shares.exists() or not any(shares.iterdir())
 
 
+def test_a_machine_lost_mid_training_fails_the_others_with_one_line_and_the_same_commands_go_on(world, tmp_path):
+    import csv
+
+    from pipeline.train.worker import weights_digest
+
+    args = ["--set", "finetune.epochs=12", "--set", "finetune.patience=12", "finetune"]
+    machines = _cluster_of_two(world, tmp_path, *args)
+    (artifacts, chief), (_, other) = machines
+    try:
+        deadline = time.monotonic() + 300
+        while "epoch 2/12" not in (tmp_path / "machine-0.log").read_text():
+            assert time.monotonic() < deadline and chief.poll() is None, "no epoch line in time"
+            time.sleep(0.05)
+        os.killpg(other.pid, signal.SIGKILL)  # machine 1 goes down mid-training
+        lines = _wait(machines, timeout=120)[0].splitlines(keepends=True)
+    finally:
+        _stop(machines)
+    assert chief.returncode == 1, "".join(lines[-20:])
+    errors = [line for line in lines if line.startswith("error:")]
+    assert errors == [lines[-1]] and not any("Traceback" in line for line in lines), "".join(lines[-20:])
+    assert errors[0].startswith("error: finetune: worker 1 of the cluster is gone (")
+    assert "run it again on each to go on from the last finished epoch" in errors[0]
+    assert Catalog(artifacts).backups("finetune")  # what it goes on from
+
+    # The same commands again: each machine goes on from the last epoch both have backed up (their last backups
+    # may be one epoch apart: machine 1 was killed while the chief may have been writing its own).
+    machines = _cluster_of_two(world, tmp_path, *args)
+    try:
+        logs = _wait(machines)
+    finally:
+        _stop(machines)
+    for (_, process), log in zip(machines, logs):
+        assert process.returncode == 0, log[-3000:]
+        assert "resuming training after epoch" in log
+    rows = list(csv.DictReader(open(artifacts / "finetune" / "history.csv")))
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 13))
+    assert weights_digest(artifacts / "finetune" / "model.h5") == weights_digest(
+        tmp_path / "machine-1" / "finetune" / "model.h5")
+
+
+def test_a_lost_worker_is_named_from_tensorflows_error_and_other_errors_are_left_alone():
+    import tensorflow as tf
+
+    # The message TensorFlow 2.21 gave the chief when worker 1 was SIGKILLed mid-epoch (the traceback part cut).
+    message = ("Graph execution error:\n\nDetected at node CollectiveReduceV2_1 defined at (most recent call last):\n"
+               "Collective ops is aborted by: recvmsg:Connection reset by peer\nAdditional GRPC error information "
+               "from remote target /job:worker/replica:0/task:1 while calling /tensorflow.WorkerService/RecvBuf:\n"
+               ':UNKNOWN:Error received from peer  {grpc_message:"recvmsg:Connection reset by peer", '
+               "grpc_status:14}\nThe error could be from a previous operation. Restart your program to reset.")
+    lost = distribute.lost_worker("finetune", tf.errors.UnavailableError(None, None, message))
+    assert str(lost) == ("finetune: worker 1 of the cluster is gone (recvmsg:Connection reset by peer); stop the "
+                         "command on every machine, then run it again on each to go on from the last finished epoch")
+    unnamed = distribute.lost_worker("train-head", tf.errors.CancelledError(None, None, "cancelled"))
+    assert str(unnamed).startswith("train-head: another worker of the cluster is gone (CancelledError);")
+    # TensorFlow names no remote worker, but there is only one other: that one.
+    only = distribute.lost_worker("finetune", tf.errors.UnavailableError(None, None, "at /job:worker/task:0"), [1])
+    assert str(only).startswith("finetune: worker 1 of the cluster is gone (UnavailableError);")
+    for other in (tf.errors.InvalidArgumentError(None, None, "bad shape"), ValueError("bad value")):
+        assert distribute.lost_worker("finetune", other) is None
+
+
 def test_one_process_gathers_only_its_own_array():
     import tensorflow as tf
 
     one = tf.distribute.get_strategy()
     array = np.arange(6, dtype=np.float16).reshape(2, 3)
     np.testing.assert_array_equal(distribute.all_gather(one, array), array[np.newaxis])
-    assert distribute.worker_index(one) == 0
+    assert distribute.worker_index(one) == 0 and distribute.fewest(one, 3) == 3
+    assert distribute.any_worker(one, True) and not distribute.any_worker(one, False)
     with pytest.raises(TypeError, match="uint8"):  # TensorFlow's collective gather has no kernel for it
         distribute.all_gather(one, array.astype(np.uint8))
 

@@ -15,7 +15,7 @@ from conftest import REPO, base_args, invoke, ran
 
 from pipeline.catalog import Catalog, TrainFiles
 from pipeline.config import FinetuneConfig, ModelConfig
-from pipeline.train import models, resume, training
+from pipeline.train import distribute, models, resume, training
 from pipeline.train.activations import ArrayFile, CachedBatches
 
 
@@ -57,7 +57,7 @@ def test_a_fit_killed_after_epoch_k_goes_on_at_k_plus_1_as_if_never_killed(tmp_p
     backup = tmp_path / "backup"
     with pytest.raises(_Killed):
         _fit(tmp_path, "killed", backup, kill_after=2, monkeypatch=monkeypatch)
-    assert resume.latest(backup)[0] == 2
+    assert resume.latest(backup)[0] == 2 and sorted(resume.backed_up(backup)) == [1, 2]  # the last two kept
     monkeypatch.undo()
     resumed, summary, rows = _fit(tmp_path, "resumed", backup)
     assert summary["resumed_after_epoch"] == 2 and summary["epochs_run"] == 5
@@ -81,6 +81,34 @@ def test_a_backup_of_a_finished_fit_is_not_trained_again(tmp_path, monkeypatch):
     assert calls == [] and rows == first_rows and summary["resumed_after_epoch"] == 3
     for got, want in zip(again.get_weights(), first.get_weights()):
         np.testing.assert_array_equal(got, want)  # the best epoch's weights, read back from the same file
+
+
+@pytest.mark.parametrize("others_last, expected", [(1, 1), (2, 2), (0, None)])
+def test_workers_go_on_from_the_last_epoch_all_backed_up(tmp_path, monkeypatch, others_last, expected):
+    unbroken, _, unbroken_rows = _fit(tmp_path, "unbroken", None)
+    backup = tmp_path / "backup"
+    with pytest.raises(_Killed):
+        _fit(tmp_path, "killed", backup, kill_after=2, monkeypatch=monkeypatch)
+    monkeypatch.undo()
+    # Another worker process whose last backup is `others_last` (0: none).
+    monkeypatch.setattr(distribute, "fewest", lambda strategy, count: min(count, others_last))
+    resumed, summary, rows = _fit(tmp_path, "resumed", backup)
+    assert summary.get("resumed_after_epoch") == expected and summary["epochs_run"] == 5
+    for got, want in zip(rows, unbroken_rows):  # whichever epoch it went on from, the same computation
+        np.testing.assert_allclose(float(got["val_loss"]), float(want["val_loss"]), rtol=1e-5)
+    for got, want in zip(resumed.get_weights(), unbroken.get_weights()):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_workers_lacking_their_common_epoch_all_start_over(tmp_path, monkeypatch):
+    backup = tmp_path / "backup"
+    with pytest.raises(_Killed):
+        _fit(tmp_path, "killed", backup, kill_after=4, monkeypatch=monkeypatch)
+    monkeypatch.undo()
+    assert sorted(resume.backed_up(backup)) == [3, 4]
+    monkeypatch.setattr(distribute, "fewest", lambda strategy, count: min(count, 1))  # another's last is 1
+    _, summary, rows = _fit(tmp_path, "resumed", backup)
+    assert "resumed_after_epoch" not in summary and [r["epoch"] for r in rows] == ["1", "2", "3", "4", "5"]
 
 
 def _finetune_process(world, artifacts, *overrides):

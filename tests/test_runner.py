@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 from conftest import REPO, SMOKE_CONFIG, base_args, invoke, smoke_cfg, snapshot
@@ -102,11 +103,36 @@ def test_in_a_cluster_a_training_stage_runs_when_any_machine_needs_it(world, tmp
         monkeypatch.setattr(module, "run", lambda ctx, name=module.__name__: ran.append(name) or {})
     runner = Runner(smoke_cfg(world), artifacts)
     asked = []
-    runner.any_worker = lambda flag: asked.append(flag) or flag or elsewhere  # another machine's stage is stale
+    # another machine's stage is stale, or not
+    runner.cluster = SimpleNamespace(any_worker=lambda flag: asked.append(flag) or flag or elsewhere)
     runner.run(["finetune"])
     # Only the stages that train together ask; both are fresh here, but finetune's input is new once train-head ran.
     assert asked == [False, elsewhere]
     assert ran == ([train_head.__name__, finetune.__name__] if elsewhere else [])
+
+
+@pytest.mark.parametrize("lost", [False, True])
+def test_in_a_cluster_a_stage_failing_for_a_lost_worker_is_the_clusters_one_line(world, tmp_path, monkeypatch, lost):
+    from pipeline.errors import TrainingError
+
+    artifacts = tmp_path / "artifacts"
+    shutil.copytree(world["artifacts"], artifacts)
+    before = snapshot(artifacts / "finetune")
+    import pipeline.stages.finetune as finetune
+
+    def broken(ctx):
+        raise RuntimeError("a collective operation failed")
+
+    monkeypatch.setattr(finetune, "run", broken)
+    runner = Runner(smoke_cfg(world), artifacts)
+    runner.cluster = SimpleNamespace(any_worker=lambda flag: flag, failure=lambda stage, error: TrainingError(
+        f"{stage}: worker 1 is gone ({error})") if lost else None)
+    with pytest.raises(TrainingError if lost else RuntimeError) as raised:
+        runner.run(["finetune"], force={"finetune"})
+    if lost:
+        assert str(raised.value) == "finetune: worker 1 is gone (a collective operation failed)"
+    assert snapshot(artifacts / "finetune") == before  # the previous outputs untouched
+    assert not any(p.name.startswith(".finetune") for p in artifacts.iterdir())
 
 
 def test_corrupt_manifest_is_a_cache_miss(world, tmp_path):

@@ -4,10 +4,11 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 
 import numpy as np
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, TrainingError
 
 log = logging.getLogger("pipeline.train.distribute")
 
@@ -101,10 +102,46 @@ def any_worker(chosen, flag):
     return bool(all_gather(chosen, np.int32(bool(flag))).any())
 
 
-def same_in_every_worker(chosen, value):
-    """Whether the number `value` is the same in every worker process of `chosen` (called by all at one point)."""
-    values = all_gather(chosen, np.float64(value))
-    return bool((values == values[0]).all())
+def fewest(chosen, count):
+    """The smallest of the whole numbers `count` of every worker process of `chosen` (called by all at one point)."""
+    return int(all_gather(chosen, np.int64(count)).min())
+
+
+def lost_worker(stage, error, others=()):
+    """A TrainingError of one line when `error`, raised by training stage `stage`, is TensorFlow's failure of a
+    collective operation because another worker process is gone (killed, its machine down), naming it when
+    TensorFlow does, or when `others` (the other workers' indices) has only one; else None."""
+    import tensorflow as tf
+
+    lost = (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.CancelledError,
+            tf.errors.DeadlineExceededError)
+    if not isinstance(error, lost):
+        return None
+    text = error.message or ""
+    log.debug("TensorFlow's error: %s", text)
+    task = re.search(r"remote target /job:worker/replica:\d+/task:(\d+)", text)
+    task = task.group(1) if task else (others[0] if len(others) == 1 else None)
+    reason = re.search(r'grpc_message:"([^"]*)"', text)
+    return TrainingError(f"{stage}: {'another worker' if task is None else f'worker {task}'} of the cluster is gone "
+                         f"({reason.group(1) if reason else type(error).__name__}); stop the command on every "
+                         "machine, then run it again on each to go on from the last finished epoch")
+
+
+class Cluster:
+    """What the runner needs of the cluster (TF_CONFIG) whose every worker runs the same command, this process
+    being one of them with strategy `chosen`."""
+
+    def __init__(self, chosen):
+        self.chosen = chosen
+
+    def any_worker(self, flag):
+        """Whether `flag` holds in any worker (see any_worker)."""
+        return any_worker(self.chosen, flag)
+
+    def failure(self, stage, error):
+        """The one-line error for `error` raised by `stage` when a worker was lost, else None (see lost_worker)."""
+        me = worker_index(self.chosen)
+        return lost_worker(stage, error, [k for k in range(workers(self.chosen)) if k != me])
 
 
 def describe(chosen, batch_size, learning_rate):

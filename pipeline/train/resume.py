@@ -6,9 +6,10 @@ key, removed when the stage completes) what `fit` needs to go on: the model's an
 epoch's weights so far, the history, and the counters of the callbacks that carry state from epoch to epoch
 (early stopping, the plateau schedule, the best value seen, the time budget's elapsed time). Each epoch is
 written into a temporary folder renamed into place when complete, so a kill while writing leaves the previous
-epoch's backup whole. The run that finds a backup replays the batch order up to that epoch and fits from the
-next one; a backup of a run that had already stopped (early stopping, the time budget, the last epoch) is taken
-as finished, and training is not repeated.
+epoch's backup whole; the last KEPT epochs are kept, so that worker processes whose backups end one epoch apart
+(one killed while the others wrote theirs) can all go on from the epoch they have in common. The run that finds
+a backup replays the batch order up to that epoch and fits from the next one; a backup of a run that had already
+stopped (early stopping, the time budget, the last epoch) is taken as finished, and training is not repeated.
 """
 from __future__ import annotations
 
@@ -24,14 +25,22 @@ log = logging.getLogger("pipeline.train.resume")
 STATE = "state.json"
 BEST = "best.h5"
 VARIABLES = "variables"
+KEPT = 2
+"""Epochs whose backups are kept: the last and the one before."""
 _EPOCH = re.compile(r"epoch-(\d+)")
+
+
+def backed_up(folder):
+    """{epoch number: folder} of the complete epochs backed up in `folder`."""
+    if folder is None or not Path(folder).is_dir():
+        return {}
+    return {int(m.group(1)): p for p in Path(folder).glob("epoch-*")
+            if (m := _EPOCH.fullmatch(p.name)) and (p / STATE).is_file()}
 
 
 def latest(folder):
     """(epoch number, folder) of the last complete epoch backed up in `folder`, or None."""
-    found = [(int(m.group(1)), p) for p in Path(folder).glob("epoch-*") if (m := _EPOCH.fullmatch(p.name))
-             and (p / STATE).is_file()] if folder is not None and Path(folder).is_dir() else []
-    return max(found, default=None, key=lambda item: item[0])
+    return max(backed_up(folder).items(), default=None, key=lambda item: item[0])
 
 
 def _stateful(callbacks):
@@ -78,14 +87,16 @@ class EpochBackup(_backup_base()):
 
         return tf.train.Checkpoint(model=self.model, optimizer=self.model.optimizer)
 
-    def restore(self):
-        """Load the last backed-up epoch into the model and the best-weights file; returns its state, or None.
+    def restore(self, epoch=None):
+        """Load backed-up epoch `epoch` (default: the last) into the model and the best-weights file; returns its
+        state, or None when there is no such backup.
 
         Call after compiling the model and before fitting it."""
-        found = latest(self.folder)
-        if found is None:
+        found = backed_up(self.folder)
+        epoch = max(found, default=None) if epoch is None else epoch
+        if epoch not in found:
             return None
-        epoch, folder = found
+        folder = found[epoch]
         state = fileio.read_json(folder / STATE)
         self.model.optimizer.build(self.model.trainable_variables)  # its variables exist to be read into
         self.variables().read(str(folder / VARIABLES)).assert_existing_objects_matched()
@@ -123,8 +134,8 @@ class EpochBackup(_backup_base()):
         final = self.folder / f"epoch-{epoch + 1}"
         shutil.rmtree(final, ignore_errors=True)
         scratch.rename(final)
-        for older in self.folder.glob("epoch-*"):
-            if older != final:
+        for number, older in backed_up(self.folder).items():
+            if number <= epoch + 1 - KEPT or number > epoch + 1:  # beyond the last: a run that went further
                 shutil.rmtree(older, ignore_errors=True)
 
 

@@ -11,9 +11,8 @@ import numpy as np
 
 from pipeline import fileio
 from pipeline.data import balance
-from pipeline.errors import TrainingError
 from pipeline.progress import Progress
-from pipeline.train import distribute, inputs
+from pipeline.train import distribute, inputs, resume
 from pipeline.train.resume import EpochBackup
 
 log = logging.getLogger("pipeline.train.training")
@@ -199,6 +198,19 @@ def _optimizer(keras, section, steps_per_epoch):
     return keras.optimizers.Adam(section.learning_rate, **average)
 
 
+def _restore(backer, strategy):
+    """Restore the epoch every worker process of `strategy` has backed up: the earliest of their last ones (they
+    end one epoch apart when one was killed while the others wrote theirs). None when there is none, or when
+    some worker lacks it: then all start over."""
+    mine = resume.latest(backer.folder)
+    common = distribute.fewest(strategy, mine[0] if mine else 0)
+    lacking = common > 0 and common not in resume.backed_up(backer.folder)
+    if distribute.any_worker(strategy, lacking):
+        log.warning("the workers' backups in %s have no epoch in common: training starts over", backer.folder)
+        return None
+    return backer.restore(common) if common else None
+
+
 def fit(model, train, validation, section, files, backup=None, **fit_kwargs):
     """Compile and fit `model`; keep the best epoch by validation accuracy; write history and curves.
 
@@ -244,12 +256,8 @@ def fit(model, train, validation, section, files, backup=None, **fit_kwargs):
         n_classes = x.n_classes if y is None else np.asarray(y).shape[1]
         class_weights = balance.class_weights(labels, n_classes)
     seed_everything(section.seed)
-    restored = backer.restore() if backer is not None else None
+    restored = _restore(backer, model.distribute_strategy) if backer is not None else None
     done = restored["epoch"] if restored else 0
-    if not distribute.same_in_every_worker(model.distribute_strategy, done):
-        raise TrainingError(f"this worker's backup goes on after epoch {done}, another's after another epoch (a "
-                            f"worker killed while the others backed up); remove the folder {backup} on every "
-                            "machine, or every artifacts folder's .resume, and run again to start training over")
     t0 = time.monotonic()
     rows = list(restored["history"]) if restored else []
     if not (restored and restored["finished"]):
