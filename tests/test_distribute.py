@@ -147,6 +147,18 @@ def _stop(machines):
             process.wait()
 
 
+def _cluster_run(world, tmp_path, *args, prepare=lambda index, artifacts: None):
+    """Run the command on both machines of _cluster_of_two until both succeed; returns their messages."""
+    machines = _cluster_of_two(world, tmp_path, *args, prepare=prepare)
+    try:
+        logs = _wait(machines)
+    finally:
+        _stop(machines)
+    for (_, process), log in zip(machines, logs):
+        assert process.returncode == 0, log[-3000:]
+    return logs
+
+
 def test_machines_of_a_tf_config_cluster_each_run_the_command_and_end_with_the_same_model(world, tmp_path):
     from pipeline.catalog import ViewFiles
     from pipeline.train.activations import ArrayFile
@@ -159,13 +171,7 @@ def test_machines_of_a_tf_config_cluster_each_run_the_command_and_end_with_the_s
         if index == 1:  # a machine new to the cluster: no feature computed yet
             shutil.rmtree(store(artifacts))
 
-    machines = _cluster_of_two(world, tmp_path, "finetune", prepare=prepare)
-    try:
-        logs = _wait(machines)
-    finally:
-        _stop(machines)
-    for (_, process), log in zip(machines, logs):
-        assert process.returncode == 0, log[-3000:]
+    logs = _cluster_run(world, tmp_path, "finetune", prepare=prepare)
     for stage in ("train-head", "finetune"):
         placement = json.loads((tmp_path / "machine-0" / stage / "training.json").read_text())["distribute"]
         assert placement["workers"] == 2 and placement["global_batch_size"] == 2 * 4
@@ -216,13 +222,7 @@ def test_a_machine_lost_mid_training_fails_the_others_with_one_line_and_the_same
 
     # The same commands again: each machine goes on from the last epoch both have backed up (their last backups
     # may be one epoch apart: machine 1 was killed while the chief may have been writing its own).
-    machines = _cluster_of_two(world, tmp_path, *args)
-    try:
-        logs = _wait(machines)
-    finally:
-        _stop(machines)
-    for (_, process), log in zip(machines, logs):
-        assert process.returncode == 0, log[-3000:]
+    for log in _cluster_run(world, tmp_path, *args):
         assert "resuming training after epoch" in log
     rows = list(csv.DictReader(open(artifacts / "finetune" / "history.csv")))
     assert [int(r["epoch"]) for r in rows] == list(range(1, 13))
