@@ -154,5 +154,6 @@ def failure_line(error):
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return lines[0] if lines else type(error).__name__
 
+
 if __name__ == "__main__":
     main()

@@ -202,9 +202,9 @@ def _restore(backer, strategy):
     """Restore the epoch every worker process of `strategy` has backed up: the earliest of their last ones (they
     end one epoch apart when one was killed while the others wrote theirs). None when there is none, or when
     some worker lacks it: then all start over."""
-    mine = resume.latest(backer.folder)
-    common = distribute.fewest(strategy, mine[0] if mine else 0)
-    lacking = common > 0 and common not in resume.backed_up(backer.folder)
+    found = resume.backed_up(backer.folder)
+    common = distribute.fewest(strategy, max(found, default=0))
+    lacking = common > 0 and common not in found
     if distribute.any_worker(strategy, lacking):
         log.warning("the workers' backups in %s have no epoch in common: training starts over", backer.folder)
         return None

@@ -164,16 +164,15 @@ class AcrossMachines(SharedWork):
         for k, folder in enumerate(folders):
             if k != self.index:
                 np.save(folder / "labels.npy", gathered[k][:sizes[k]])
-        for name in names:
-            self._send(ArrayFile(mine / name), [folder / name for folder in folders], sizes)
-        received = sum(ArrayFile(folder / name).nbytes for name in names for folder in folders if folder != mine)
+        received = sum(self._send(ArrayFile(mine / name), [folder / name for folder in folders], sizes)
+                       for name in names)
         log.info("received the other %d workers' shares (%.0f MB) in %.1fs", self.count - 1, received / 1e6,
                  time.monotonic() - t0)
         return folders
 
     def _send(self, own, paths, sizes):
         """Every worker's rows of one output, CACHE_BATCH rows of each share at a time, into `paths` (own's
-        excepted, already written)."""
+        excepted, already written). Returns the bytes received."""
         blank = np.zeros((CACHE_BATCH, *own.shape[1:]), own.dtype)
         with contextlib.ExitStack() as stack:
             writers = {k: stack.enter_context(ArrayWriter(path, own.dtype, (sizes[k], *own.shape[1:])))
@@ -187,6 +186,7 @@ class AcrossMachines(SharedWork):
                 for k, writer in writers.items():
                     writer.append(gathered[k][:max(0, min(CACHE_BATCH, sizes[k] - start))])
         own.close()
+        return sum(sizes[k] for k in writers) * own.row_bytes
 
     def finish(self, parts):
         shutil.rmtree(parts, ignore_errors=True)
