@@ -22,6 +22,9 @@ import numpy as np
 
 
 def worker(index, addresses, shape, dtype, blocks, eager):
+    from pipeline import processes
+
+    processes.exit_with_parent(os.getppid())  # not left waiting on its peers if the bench is killed
     os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}})
     from pipeline.config import DistributeConfig
     from pipeline.train import distribute
